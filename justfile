@@ -1,0 +1,60 @@
+# The realtime collaboration suite. `just` lists the recipes.
+set dotenv-load := false
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+uv := "uv"
+
+default:
+    @just --list
+
+# Install every workspace member and the dev tools into .venv (uv, one lock).
+[group('setup')]
+setup:
+    {{uv}} sync --all-packages --frozen
+
+# Run the suite: the three services against RabbitMQ and Redis when both answer, else all in one process on the in-memory transport.
+[group('run')]
+dev: setup
+    {{uv}} run python scripts/dev.py
+
+# Run the whole suite in one process on the in-memory transport (no brokers).
+[group('run')]
+dev-memory: setup
+    {{uv}} run realtime-dev
+
+# Every test: unit, adapter contracts, end to end, fault injection and the deploy checks.
+[group('test')]
+test: setup
+    {{uv}} run pytest
+
+# Unit and adapter contract tests only (fast).
+[group('test')]
+unit: setup
+    {{uv}} run pytest libs services tools
+
+# End-to-end tests: the real processes against real RabbitMQ and Redis (testcontainers when a Docker engine answers).
+[group('test')]
+e2e: setup
+    {{uv}} run pytest tests/e2e -m e2e
+
+# Fault-injection tests: kill -9, Redis restarts, cut RabbitMQ connections, poison messages.
+[group('test')]
+chaos: setup
+    {{uv}} run pytest tests/chaos -m chaos
+
+# ruff (format and lint) and mypy --strict on the sources.
+[group('check')]
+lint: setup
+    {{uv}} run ruff format --check .
+    {{uv}} run ruff check .
+    {{uv}} run mypy libs/envelope/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src
+
+# Rewrite the envelope's JSON Schema from the models.
+[group('check')]
+schema: setup
+    {{uv}} run python -m envelope.schema libs/envelope/schema
+
+# Send a WebSocket event and wait for it on SSE; prints the latency.
+[group('run')]
+probe *args: setup
+    {{uv}} run realtime-probe {{args}}

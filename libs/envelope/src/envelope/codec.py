@@ -1,0 +1,139 @@
+"""JSON codec and schema-version rules. Every event is encoded once and its bytes reused."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from envelope.models import SCHEMA_VERSION, BoardEventEnvelope, BoardMessage, ResumeRequest
+
+
+class MalformedEnvelope(ValueError):
+    """A RabbitMQ body that is not a valid envelope: it goes to the DLQ at once."""
+
+
+class UnsupportedSchemaVersion(MalformedEnvelope):
+    """An envelope whose major version this reader does not know."""
+
+
+class InvalidFrame(ValueError):
+    """A client frame refused with an `error` frame; `code` is the contract's error code."""
+
+    def __init__(self, code: str, message: str, correlation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.correlation_id = correlation_id
+
+
+def dumps(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json"))
+
+
+def is_supported_version(version: str) -> bool:
+    return version.split(".", 1)[0] == SCHEMA_VERSION
+
+
+def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessage | ResumeRequest:
+    """Parse one client text frame, raising `InvalidFrame` with the contract's code."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidFrame("invalid_message", "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise InvalidFrame("invalid_message", "A frame must be a JSON object.")
+    client_id = data.get("id") if isinstance(data.get("id"), str) else None
+    try:
+        if data.get("kind") == "resume":
+            return ResumeRequest.model_validate(data)
+        message = BoardMessage.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "frame"
+        raise InvalidFrame(
+            "invalid_message", f"Field '{where}': {first['msg']}.", client_id
+        ) from None
+    if len(orjson.dumps(message.payload)) > max_payload_bytes:
+        raise InvalidFrame(
+            "payload_too_large",
+            f"The payload is larger than {max_payload_bytes} bytes once serialised.",
+            client_id,
+        )
+    return message
+
+
+def decode_envelope(body: bytes) -> BoardEventEnvelope:
+    """Parse a RabbitMQ body; unknown majors and malformed bodies raise `MalformedEnvelope`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEnvelope(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedEnvelope("body is not a JSON object")
+    version = str(data.get("schema_version", ""))
+    if not is_supported_version(version):
+        raise UnsupportedSchemaVersion(
+            f"schema_version {version!r} is not supported (this reader knows {SCHEMA_VERSION}.x)"
+        )
+    try:
+        return BoardEventEnvelope.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedEnvelope(f"invalid envelope: {exc.errors()[0]['msg']}") from None
+
+
+def activity_body(envelope: BoardEventEnvelope, published_at: datetime) -> bytes:
+    """The `ActivityEvent` JSON without its `sequence`, which the relay step prepends.
+
+    The relay step assigns the board's next sequence atomically in Redis and writes
+    `{"sequence":N,` + `activity_body(...)[1:]`; see `with_sequence`.
+    """
+    fields: dict[str, Any] = envelope.model_dump(mode="json")
+    fields["published_at"] = published_at.isoformat().replace("+00:00", "Z")
+    return orjson.dumps(fields)
+
+
+def with_sequence(body: bytes, sequence: int) -> bytes:
+    """Prepend the sequence to an `activity_body`: the exact bytes the Lua relay step writes."""
+    return b'{"sequence":%d,' % sequence + body[1:]
+
+
+def event_frame(event: bytes, active_connections: int) -> bytes:
+    """A WebSocket `event` frame from the event's bytes, without decoding them again."""
+    return b'{"kind":"event","active_connections":%d,' % active_connections + event[1:]
+
+
+def seconds_since_occurred(event: bytes) -> float:
+    """Delivery latency of an `ActivityEvent`'s bytes, for the latency histograms."""
+    occurred = orjson.loads(event).get("occurred_at")
+    if not isinstance(occurred, str):
+        return 0.0
+    return max(0.0, time.time() - datetime.fromisoformat(occurred).timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedEvent:
+    """One event as the relay publishes it on the activity channel.
+
+    The frame is `<activity stream id> <board id> <sequence>\\n<ActivityEvent JSON>`, so that
+    readers route it without decoding the JSON.
+    """
+
+    stream_id: str
+    board_id: str
+    sequence: int
+    event: bytes
+
+    def to_frame(self) -> bytes:
+        head = f"{self.stream_id} {self.board_id} {self.sequence}\n".encode()
+        return head + self.event
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> RelayedEvent:
+        head, _, event = frame.partition(b"\n")
+        stream_id, board_id, sequence = head.decode().split(" ")
+        return cls(stream_id, board_id, int(sequence), event)

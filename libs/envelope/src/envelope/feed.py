@@ -1,0 +1,318 @@
+"""Reading relayed activity back: live frames from pub/sub, history from the Redis Streams.
+
+Both edges (the WebSocket ingress and the SSE gateway) read the relay's output the same way,
+so it is defined once here, next to the frame format it parses. One `ActivityHub` per process
+holds the only Redis subscription and fans out to bounded per-client queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import redis.asyncio as redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from envelope.codec import RelayedEvent
+from envelope.topology import RedisKeys
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PAGE = 1000
+
+
+class ActivityStore(Protocol):
+    """What an edge needs from Redis: the live frames and the retained history."""
+
+    def feed(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Subscribe; once entered, every frame published from then on is yielded in order.
+
+        The iterator raises `RedisError` or `OSError` when the connection is lost.
+        """
+        ...
+
+    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]: ...
+
+    async def activity_after(self, stream_id: str) -> list[RelayedEvent]: ...
+
+    async def board_head(self, board_id: str) -> tuple[int, int]:
+        """(oldest retained, newest) sequence of the board; (0, 0) when it has no events."""
+        ...
+
+    async def activity_head(self) -> tuple[str, str]:
+        """(oldest, newest) retained activity stream id; ("0-0", "0-0") when empty."""
+        ...
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class RedisActivityStore:
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self._client = client
+        self._keys = keys
+
+    @contextlib.asynccontextmanager
+    async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(self._keys.activity_channel)
+            # Wait for the confirmation: only then is every later publish sure to reach us,
+            # and the catch-up read that follows cannot leave a window behind it.
+            confirmation = await pubsub.get_message(timeout=5.0)
+            if confirmation is None or confirmation["type"] != "subscribe":
+                raise RedisError("the activity channel subscription was not confirmed")
+            yield self._frames(pubsub)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    @staticmethod
+    async def _frames(pubsub: PubSub) -> AsyncIterator[bytes]:
+        # get_message with a timeout lets redis-py's health check ping the connection, so a
+        # silently dropped one is noticed instead of blocking forever.
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                yield message["data"]
+
+    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
+        key = self._keys.board_stream(board_id)
+        events: list[RelayedEvent] = []
+        start = f"({sequence}-0"
+        while True:
+            rows = await self._client.xrange(key, min=start, count=PAGE)
+            for entry_id, fields in rows:
+                seq = int(entry_id.split(b"-")[0])
+                events.append(RelayedEvent(fields[b"a"].decode(), board_id, seq, fields[b"e"]))
+            if len(rows) < PAGE:
+                return events
+            start = "(" + rows[-1][0].decode()
+
+    async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
+        events: list[RelayedEvent] = []
+        start = f"({stream_id}"
+        while True:
+            rows = await self._client.xrange(self._keys.activity_stream, min=start, count=PAGE)
+            for entry_id, fields in rows:
+                events.append(
+                    RelayedEvent(
+                        entry_id.decode(), fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"]
+                    )
+                )
+            if len(rows) < PAGE:
+                return events
+            start = "(" + rows[-1][0].decode()
+
+    async def board_head(self, board_id: str) -> tuple[int, int]:
+        key = self._keys.board_stream(board_id)
+        first = await self._client.xrange(key, count=1)
+        last = await self._client.xrevrange(key, count=1)
+        if not first or not last:
+            return 0, 0
+        return int(first[0][0].split(b"-")[0]), int(last[0][0].split(b"-")[0])
+
+    async def activity_head(self) -> tuple[str, str]:
+        first = await self._client.xrange(self._keys.activity_stream, count=1)
+        last = await self._client.xrevrange(self._keys.activity_stream, count=1)
+        if not first or not last:
+            return "0-0", "0-0"
+        return first[0][0].decode(), last[0][0].decode()
+
+
+class SlowConsumer(Exception):
+    """The client did not keep up: its bounded queue overflowed. It may resume."""
+
+
+@dataclass(eq=False)
+class Subscription(Generic[T]):
+    """One client's bounded queue of (event, rendered bytes)."""
+
+    boards: frozenset[str] | None
+    maxsize: int
+    queue: asyncio.Queue[tuple[RelayedEvent, T]] = field(init=False)
+    overflowed: bool = False
+    reset: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.maxsize)
+
+    def offer(self, event: RelayedEvent, rendered: T) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait((event, rendered))
+        except asyncio.QueueFull:
+            self.overflowed = True
+            # Wake the reader so it notices at once instead of after the next event.
+            self.queue.get_nowait()
+            self.queue.put_nowait((event, rendered))
+
+    async def next(self) -> tuple[RelayedEvent, T]:
+        item = await self.queue.get()
+        if self.overflowed:
+            raise SlowConsumer
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    events: list[RelayedEvent]
+    expired: bool  # the cursor is older than what is retained: events were missed
+    oldest_cursor: str | None
+
+
+class ActivityHub(Generic[T]):
+    """The process's single subscriber: orders, de-duplicates and fans out relayed events.
+
+    It keeps the last sequence seen per board; a frame at or below it is a duplicate and a
+    frame past the next one reveals a gap, filled from the board's stream. After a lost
+    connection it resubscribes and catches up from the activity stream, so clients that stay
+    connected miss nothing.
+    """
+
+    def __init__(
+        self,
+        store: ActivityStore,
+        *,
+        render_board: Callable[[RelayedEvent], T],
+        render_activity: Callable[[RelayedEvent], T],
+        retry_seconds: float = 0.5,
+    ) -> None:
+        self._store = store
+        self._render_board = render_board
+        self._render_activity = render_activity
+        self._retry_seconds = retry_seconds
+        self._boards: dict[str, set[Subscription[T]]] = {}
+        self._activity: set[Subscription[T]] = set()
+        self._last_sequence: dict[str, int] = {}
+        self._last_stream_id: str | None = None
+        self.connected = asyncio.Event()
+        self.on_event: Callable[[RelayedEvent, int], None] = lambda event, receivers: None
+
+    @property
+    def board_ids(self) -> list[str]:
+        return list(self._boards)
+
+    def local_subscribers(self, board_id: str) -> int:
+        return len(self._boards.get(board_id, ()))
+
+    @contextlib.contextmanager
+    def subscribe_board(self, board_id: str, maxsize: int) -> Iterator[Subscription[T]]:
+        subscription: Subscription[T] = Subscription(frozenset({board_id}), maxsize)
+        self._boards.setdefault(board_id, set()).add(subscription)
+        try:
+            yield subscription
+        finally:
+            listeners = self._boards[board_id]
+            listeners.discard(subscription)
+            if not listeners:
+                del self._boards[board_id]
+
+    @contextlib.contextmanager
+    def subscribe_activity(
+        self, boards: frozenset[str] | None, maxsize: int
+    ) -> Iterator[Subscription[T]]:
+        subscription: Subscription[T] = Subscription(boards, maxsize)
+        self._activity.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._activity.discard(subscription)
+
+    async def replay_board(self, board_id: str, after: int) -> Replay:
+        oldest, _newest = await self._store.board_head(board_id)
+        events = await self._store.board_after(board_id, after)
+        expired = oldest > after + 1
+        return Replay(events, expired, str(oldest) if oldest else None)
+
+    async def replay_activity(self, after: str) -> Replay:
+        oldest, _newest = await self._store.activity_head()
+        events = await self._store.activity_after(after)
+        first = events[0].stream_id if events else None
+        expired = first is not None and stream_id_key(oldest) > stream_id_key(after) and (
+            stream_id_key(after) != (0, 0)
+        )
+        return Replay(events, expired, oldest if oldest != "0-0" else None)
+
+    async def run(self) -> None:
+        """Subscribe, catch up after every reconnect, dispatch; until cancelled."""
+        while True:
+            try:
+                async with self._store.feed() as frames:
+                    await self._catch_up()
+                    self.connected.set()
+                    async for frame in frames:
+                        self._dispatch_frame(frame)
+            except (RedisError, OSError) as exc:
+                if self.connected.is_set():
+                    log.warning("activity subscription lost, resubscribing: %s", exc)
+                self.connected.clear()
+                await asyncio.sleep(self._retry_seconds)
+
+    async def _catch_up(self) -> None:
+        if self._last_stream_id is None:
+            _oldest, newest = await self._store.activity_head()
+            self._last_stream_id = newest
+            return
+        _oldest, newest = await self._store.activity_head()
+        if stream_id_key(newest) < stream_id_key(self._last_stream_id):
+            # Redis lost its data (restarted without persistence): start again from zero.
+            log.warning("activity stream went back in time; Redis lost its data")
+            self._last_sequence.clear()
+            self._last_stream_id = "0-0"
+        for event in await self._store.activity_after(self._last_stream_id):
+            self._dispatch(event)
+
+    def _dispatch_frame(self, frame: bytes) -> None:
+        try:
+            event = RelayedEvent.from_frame(frame)
+        except ValueError:
+            log.error("ignoring a malformed relay frame of %d bytes", len(frame))
+            return
+        last = self._last_sequence.get(event.board_id)
+        if last is not None and event.sequence > last + 1:
+            asyncio.get_running_loop().create_task(self._fill_gap(event))
+            return
+        self._dispatch(event)
+
+    async def _fill_gap(self, event: RelayedEvent) -> None:
+        last = self._last_sequence.get(event.board_id, 0)
+        for missed in await self._store.board_after(event.board_id, last):
+            if missed.sequence > event.sequence:
+                break
+            self._dispatch(missed)
+
+    def _dispatch(self, event: RelayedEvent) -> None:
+        last = self._last_sequence.get(event.board_id, 0)
+        if event.sequence <= last:
+            return
+        self._last_sequence[event.board_id] = event.sequence
+        if self._last_stream_id is None or stream_id_key(event.stream_id) > stream_id_key(
+            self._last_stream_id
+        ):
+            self._last_stream_id = event.stream_id
+        receivers = 0
+        listeners = self._boards.get(event.board_id)
+        if listeners:
+            rendered = self._render_board(event)
+            for subscription in listeners:
+                subscription.offer(event, rendered)
+            receivers += len(listeners)
+        if self._activity:
+            rendered_activity: T | None = None
+            for subscription in self._activity:
+                if subscription.boards is None or event.board_id in subscription.boards:
+                    if rendered_activity is None:
+                        rendered_activity = self._render_activity(event)
+                    subscription.offer(event, rendered_activity)
+                    receivers += 1
+        self.on_event(event, receivers)

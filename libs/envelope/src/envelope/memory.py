@@ -1,0 +1,136 @@
+"""The embedded in-memory transport: RabbitMQ and Redis stand-ins inside one process.
+
+`ADVANCED_EVENT_TRANSPORT=memory` wires every service's ports to these, so the whole suite
+runs in one process with no broker, and unit tests run without one. They keep the semantics
+the real adapters give (idempotent relay, gapless per-board sequence, retained streams,
+retries and dead letters), not their durability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from envelope.codec import RelayedEvent, with_sequence
+from envelope.feed import stream_id_key
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOutcome:
+    delivered: bool  # False: the correlation id was already relayed
+    sequence: int
+    stream_id: str = ""
+    receivers: int = 0
+
+
+@dataclass
+class MemoryMessage:
+    body: bytes
+    headers: dict[str, str | int] = field(default_factory=dict)
+
+
+class MemoryBroker:
+    """A single durable-in-spirit queue with a dead-letter list, as the worker sees RabbitMQ."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[MemoryMessage] = asyncio.Queue()
+        self.dead_letters: list[MemoryMessage] = []
+        self.available = True
+
+    async def publish(self, body: bytes, headers: dict[str, str | int] | None = None) -> None:
+        if not self.available:
+            raise ConnectionError("the in-memory broker is marked unavailable")
+        await self.queue.put(MemoryMessage(body, dict(headers or {})))
+
+
+class MemoryStore:
+    """Redis as the suite uses it: relay step, board and activity streams, pub/sub, presence."""
+
+    def __init__(self, retention: int = 10_000) -> None:
+        self._retention = retention
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}
+        self._sequences: dict[str, int] = {}
+        self._boards: dict[str, deque[RelayedEvent]] = {}
+        self._activity: deque[RelayedEvent] = deque(maxlen=retention)
+        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self._presence: dict[str, dict[str, tuple[int, float]]] = {}
+        self._clock = itertools.count(1)
+        self.presence_changes: set[asyncio.Queue[str]] = set()
+
+    async def relay(
+        self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
+    ) -> RelayOutcome:
+        now = time.monotonic()
+        seen = self._seen.get((board_id, correlation_id))
+        if seen is not None and seen[1] > now:
+            return RelayOutcome(delivered=False, sequence=seen[0])
+        sequence = self._sequences.get(board_id, 0) + 1
+        self._sequences[board_id] = sequence
+        event = with_sequence(body, sequence)
+        stream_id = f"{int(time.time() * 1000)}-{next(self._clock)}"
+        relayed = RelayedEvent(stream_id, board_id, sequence, event)
+        self._boards.setdefault(board_id, deque(maxlen=self._retention)).append(relayed)
+        self._activity.append(relayed)
+        self._seen[(board_id, correlation_id)] = (sequence, now + ttl_seconds)
+        frame = relayed.to_frame()
+        for subscriber in self._subscribers:
+            subscriber.put_nowait(frame)
+        return RelayOutcome(True, sequence, stream_id, len(self._subscribers))
+
+    @contextlib.asynccontextmanager
+    async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield self._frames(queue)
+        finally:
+            self._subscribers.discard(queue)
+
+    @staticmethod
+    async def _frames(queue: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
+        while True:
+            yield await queue.get()
+
+    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
+        return [e for e in self._boards.get(board_id, ()) if e.sequence > sequence]
+
+    async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
+        after = stream_id_key(stream_id)
+        return [e for e in self._activity if stream_id_key(e.stream_id) > after]
+
+    async def board_head(self, board_id: str) -> tuple[int, int]:
+        events = self._boards.get(board_id)
+        if not events:
+            return 0, 0
+        return events[0].sequence, events[-1].sequence
+
+    async def activity_head(self) -> tuple[str, str]:
+        if not self._activity:
+            return "0-0", "0-0"
+        return self._activity[0].stream_id, self._activity[-1].stream_id
+
+    async def set_presence(self, board_id: str, instance: str, count: int, ttl: float) -> None:
+        board = self._presence.setdefault(board_id, {})
+        if count:
+            board[instance] = (count, time.monotonic() + ttl)
+        else:
+            board.pop(instance, None)
+        for queue in self.presence_changes:
+            queue.put_nowait(board_id)
+
+    async def presence_total(self, board_id: str) -> int:
+        now = time.monotonic()
+        return sum(c for c, expires in self._presence.get(board_id, {}).values() if expires > now)
+
+
+@dataclass
+class MemoryTransport:
+    """The two stand-ins that the services of one process share."""
+
+    broker: MemoryBroker = field(default_factory=MemoryBroker)
+    store: MemoryStore = field(default_factory=MemoryStore)

@@ -1,0 +1,96 @@
+"""The wire models: what clients send, what the ingress publishes, what subscribers receive."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = "1"
+"""The envelope's major version. Readers accept any `1` or `1.x`, refuse other majors."""
+
+BOARD_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+EVENT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+BoardId = Annotated[str, StringConstraints(pattern=BOARD_ID_PATTERN)]
+EventType = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=EVENT_TYPE_PATTERN)]
+CorrelationId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Wire(BaseModel):
+    # Unknown fields are ignored so that older readers accept newer minor versions.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class BoardMessage(_Wire):
+    """A client's frame on `WS /ws/boards/{board_id}`."""
+
+    type: EventType
+    payload: dict[str, Any]
+    id: CorrelationId | None = None
+
+
+class ResumeRequest(_Wire):
+    """A client's request to replay the board's events after `after` (a sequence)."""
+
+    kind: Literal["resume"]
+    after: int = Field(ge=0)
+
+
+class BoardEventEnvelope(_Wire):
+    """What the ingress publishes to RabbitMQ for one accepted `BoardMessage`."""
+
+    schema_version: str = SCHEMA_VERSION
+    event_id: UUID
+    correlation_id: CorrelationId
+    board_id: BoardId
+    type: EventType
+    payload: dict[str, Any]
+    sender: str
+    occurred_at: datetime
+    trace_context: dict[str, str] = Field(default_factory=dict)
+
+
+class ActivityEvent(BoardEventEnvelope):
+    """What every subscriber of the board receives, once, in `sequence` order."""
+
+    sequence: int = Field(ge=1)
+    published_at: datetime
+
+
+class AckFrame(_Wire):
+    kind: Literal["ack"] = "ack"
+    correlation_id: str
+    event_id: UUID
+
+
+class ErrorFrame(_Wire):
+    kind: Literal["error"] = "error"
+    code: Literal[
+        "invalid_message", "payload_too_large", "rate_limited", "unavailable", "forbidden"
+    ]
+    message: str
+    correlation_id: str | None = None
+
+
+class EventFrame(ActivityEvent):
+    """An `ActivityEvent` as a WebSocket frame. Built from the event's bytes, never re-encoded."""
+
+    kind: Literal["event"] = "event"
+    active_connections: int
+
+
+class ResetFrame(_Wire):
+    """Tells a resuming client that events before `oldest_sequence` are no longer retained."""
+
+    kind: Literal["reset"] = "reset"
+    board_id: str | None
+    reason: Literal["cursor_expired"] = "cursor_expired"
+    oldest_cursor: str | None

@@ -1,0 +1,120 @@
+"""What every service process exposes: /healthz, /readyz, /metrics and its HTTP metrics.
+
+Needs the `service` extra (FastAPI, prometheus-fastapi-instrumentator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from envelope.security import SecurityHeadersMiddleware
+from envelope.settings import SuiteSettings
+
+Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+
+def add_operations(
+    app: FastAPI,
+    settings: SuiteSettings,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    *,
+    exempt: Callable[[Any], Any] = lambda route: route,
+) -> None:
+    """Mount the probes and metrics, instrument HTTP and add the security headers.
+
+    `exempt` marks the probe routes as free of rate limits (slowapi's `Limiter.exempt`).
+    """
+    probes = {"/healthz", "/readyz", settings.metrics_path}
+    Instrumentator(
+        excluded_handlers=[*probes],
+        registry=registry,
+        should_group_status_codes=False,
+        should_exclude_streaming_duration=True,  # SSE streams would swamp the histogram
+    ).instrument(app, metric_namespace="advanced")
+    app.add_middleware(SecurityHeadersMiddleware, settings=settings)
+
+    @app.get("/healthz", include_in_schema=False)
+    @exempt
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    @exempt
+    async def readyz() -> Response:
+        flags = await readiness()
+        ready = all(flags.values())
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", **flags}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get(settings.metrics_path, include_in_schema=False)
+    @exempt
+    async def metrics() -> Response:
+        if not settings.telemetry_enabled:
+            return PlainTextResponse("telemetry disabled", status_code=503)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+Drain = Callable[[], Awaitable[None]]
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM, runs the service's drain (close sockets with 1001) before uvicorn's own."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain | None) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is None or self._draining is not None or sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit(sig, frame))
+
+    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        try:
+            await asyncio.wait_for(self._drain(), timeout=5)
+        finally:
+            super().handle_exit(sig, frame)
+
+
+def serve(app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any) -> None:
+    """Run one service process: uvloop and httptools where available, logs left to structlog."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port,
+        log_config=None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        proxy_headers=True,
+        timeout_graceful_shutdown=8,
+        server_header=False,
+        **options,
+    )
+    DrainingServer(config, drain).run()
+
+
+async def keep_trying(connect: Callable[[], Awaitable[None]], what: str, log: Any) -> None:
+    """Connect at start-up without blocking it: /readyz stays 503 until this succeeds."""
+    delay = 0.5
+    while True:
+        try:
+            await connect()
+        except Exception as exc:  # any failure to connect: report, back off, try again
+            log.warning("broker not reachable yet, retrying", broker=what, error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        else:
+            return

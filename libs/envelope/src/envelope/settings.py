@@ -1,0 +1,103 @@
+"""The `ADVANCED_*` variables every service reads. Each service subclasses `SuiteSettings`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from envelope.topology import RedisKeys, Topology
+
+DEFAULT_TOKEN = "change-me-realtime"  # noqa: S105 - the documented development default
+DEFAULT_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss: http: https:; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'self'; object-src 'none'"
+)
+
+
+class SuiteSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADVANCED_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "staging", "production"] = "development"
+    host: str = "127.0.0.1"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    forwarded_allow_ips: str = "127.0.0.1"
+
+    realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
+    auth_jwt_secret: SecretStr | None = None
+    auth_jwt_public_key: SecretStr | None = None
+
+    event_transport: Literal["rabbitmq", "memory"] = "rabbitmq"
+    board_channel: str = "advanced:board"
+    activity_channel: str = "advanced:activity"
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
+    redis_key_prefix: str = "advanced:"
+    redis_idempotency_ttl_seconds: int = Field(default=300, ge=1)
+    replay_retention: int = Field(default=10_000, ge=1)
+
+    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    rabbitmq_exchange: str = "advanced.board.events"
+    rabbitmq_queue: str = "advanced.board.events"
+    rabbitmq_retry_queue: str = "advanced.board.events.retry"
+    rabbitmq_dlq_queue: str = "advanced.board.events.dlq"
+    rabbitmq_max_retries: int = Field(default=5, ge=0)
+    rabbitmq_retry_delay_ms: int = Field(default=5000, ge=1)
+    rabbitmq_partitions: int = Field(default=8, ge=1, le=1024)
+
+    allowed_origins: Annotated[list[str], NoDecode] = [
+        "http://localhost:3000",
+        "http://127.0.0.1:3000",
+        "http://localhost:5173",
+    ]
+    rate_limit_default: str = "120/minute"
+    telemetry_enabled: bool = True
+    metrics_path: str = "/metrics"
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    otel_exporter_otlp_headers: SecretStr | None = None
+    content_security_policy: str = DEFAULT_CSP
+    strict_transport_security: str = "max-age=63072000; includeSubDomains; preload"
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _enforce_safe_defaults(self) -> Self:
+        if self.environment != "development" and (
+            self.realtime_token.get_secret_value() == DEFAULT_TOKEN
+        ):
+            raise ValueError(
+                "ADVANCED_REALTIME_TOKEN is the documented default 'change-me-realtime': "
+                "set a secret token, or ADVANCED_ENVIRONMENT=development for local runs."
+            )
+        if any("*" in origin for origin in self.allowed_origins):
+            raise ValueError(
+                "ADVANCED_ALLOWED_ORIGINS must list exact origins; a wildcard is refused."
+            )
+        ladder_seconds = (self.rabbitmq_max_retries + 1) * self.rabbitmq_retry_delay_ms / 1000
+        if self.redis_idempotency_ttl_seconds <= ladder_seconds:
+            raise ValueError(
+                "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS must outlive the retry ladder "
+                f"({ladder_seconds:.0f}s = (MAX_RETRIES + 1) x RETRY_DELAY_MS); raise it."
+            )
+        return self
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(
+            exchange=self.rabbitmq_exchange,
+            queue=self.rabbitmq_queue,
+            retry_queue=self.rabbitmq_retry_queue,
+            dlq_queue=self.rabbitmq_dlq_queue,
+            partitions=self.rabbitmq_partitions,
+        )
+
+    @property
+    def redis_keys(self) -> RedisKeys:
+        return RedisKeys(prefix=self.redis_key_prefix, activity_channel=self.activity_channel)

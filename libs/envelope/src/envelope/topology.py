@@ -1,0 +1,68 @@
+"""Names of every exchange, queue, channel and key the suite uses, derived from settings."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """RabbitMQ names. Boards are partitioned over `partitions` queues to keep per-board order."""
+
+    exchange: str
+    queue: str
+    retry_queue: str
+    dlq_queue: str
+    partitions: int
+
+    @property
+    def retry_exchange(self) -> str:
+        return f"{self.exchange}.retry"
+
+    def partition_of(self, board_id: str) -> int:
+        return zlib.crc32(board_id.encode()) % self.partitions
+
+    def routing_key(self, board_id: str) -> str:
+        return f"board.{self.partition_of(board_id)}"
+
+    def partition_routing_key(self, partition: int) -> str:
+        return f"board.{partition}"
+
+    def partition_queue(self, partition: int) -> str:
+        return f"{self.queue}.{partition}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Redis names. Every key and stream carries `prefix`; channels are named in full."""
+
+    prefix: str
+    activity_channel: str
+
+    @property
+    def activity_stream(self) -> str:
+        return f"{self.prefix}activity"
+
+    @property
+    def presence_channel(self) -> str:
+        return f"{self.activity_channel}:presence"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    def board_stream(self, board_id: str) -> str:
+        return f"{self.prefix}board:{board_id}:events"
+
+    def sequence(self, board_id: str) -> str:
+        return f"{self.prefix}board:{board_id}:seq"
+
+    def idempotency(self, board_id: str, correlation_id: str) -> str:
+        return f"{self.prefix}board:{board_id}:seen:{correlation_id}"
+
+    def presence(self, board_id: str) -> str:
+        return f"{self.prefix}board:{board_id}:presence"
+
+    def partition_lease(self, partition: int) -> str:
+        return f"{self.prefix}lease:{partition}"

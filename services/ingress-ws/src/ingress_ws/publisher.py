@@ -1,0 +1,55 @@
+"""The ingress's two ports: where accepted events go, and where board presence is counted."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from envelope.memory import MemoryBroker
+from envelope.models import BoardEventEnvelope
+
+
+class PublishUnavailable(Exception):
+    """The event could not be made durable; the client gets `error`/`unavailable`."""
+
+
+class EventPublisher(Protocol):
+    ready: bool
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(
+        self, envelope: BoardEventEnvelope, body: bytes, headers: dict[str, str]
+    ) -> None: ...
+
+
+class PresenceStore(Protocol):
+    async def set_presence(self, board_id: str, instance: str, count: int, ttl: float) -> None: ...
+
+    async def presence_total(self, board_id: str) -> int: ...
+
+
+class MemoryPublisher:
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self._broker.available
+
+    async def publish(
+        self, envelope: BoardEventEnvelope, body: bytes, headers: dict[str, str]
+    ) -> None:
+        try:
+            await self._broker.publish(body, dict(headers))
+        except ConnectionError as exc:
+            raise PublishUnavailable(str(exc)) from exc
+
+

@@ -1,0 +1,285 @@
+"""One board WebSocket: frames in (validate, limit, publish, ack), events out (ordered, resumable)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from limits import RateLimitItem
+from limits.aio.strategies import MovingWindowRateLimiter
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from envelope import codec
+from envelope.auth import Principal
+from envelope.codec import InvalidFrame, RelayedEvent, seconds_since_occurred
+from envelope.feed import ActivityHub, SlowConsumer, Subscription
+from envelope.models import (
+    AckFrame,
+    BoardEventEnvelope,
+    BoardMessage,
+    ErrorFrame,
+    ResetFrame,
+    ResumeRequest,
+    utcnow,
+)
+from envelope.observability import inject_trace_context
+from ingress_ws.presence import BoardPresence
+from ingress_ws.publisher import EventPublisher, PublishUnavailable
+from ingress_ws.settings import IngressSettings
+
+log = structlog.get_logger("ingress_ws")
+tracer = trace.get_tracer("ingress_ws")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_BAD_BOARD = 4400
+CLOSE_UNAUTHORISED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_SLOW_CONSUMER = 4408
+MAX_IN_FLIGHT = 256  # unconfirmed publishes per connection before we stop reading
+
+
+class IngressMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "advanced_board_events_published",
+            "Board events published to RabbitMQ, by status.",
+            ["status"],
+            registry=registry,
+        )
+        self.publish_duration = Histogram(
+            "advanced_board_event_publish_duration_seconds",
+            "Time from a frame's arrival to RabbitMQ's publisher confirm.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "advanced_websocket_connections", "Open board WebSockets.", registry=registry
+        )
+        self.frames = Counter(
+            "advanced_websocket_frames",
+            "Client frames received, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.closes = Counter(
+            "advanced_websocket_closes",
+            "WebSockets closed by the server, by close code.",
+            ["code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "advanced_delivery_latency_seconds",
+            "From the ingress receiving an event to its write on a subscriber's socket.",
+            ["transport"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        for status in ("success", "error"):
+            self.published.labels(status)
+
+
+@dataclass
+class IngressRuntime:
+    """What every socket shares in one process."""
+
+    settings: IngressSettings
+    publisher: EventPublisher
+    hub: ActivityHub[str]
+    presence: BoardPresence
+    limiter: MovingWindowRateLimiter
+    limit: RateLimitItem
+    metrics: IngressMetrics
+    sockets: set[BoardSocket] = field(default_factory=set)
+
+
+class BoardSocket:
+    def __init__(
+        self, websocket: WebSocket, board_id: str, principal: Principal, runtime: IngressRuntime
+    ) -> None:
+        self.websocket = websocket
+        self.board_id = board_id
+        self.principal = principal
+        self.runtime = runtime
+        self.sender = uuid.uuid4().hex
+        self._send_lock = asyncio.Lock()
+        self._last_sequence = 0
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._publishes: set[asyncio.Task[None]] = set()
+        self._strikes = 0
+        self._log = log.bind(board_id=board_id, sender=self.sender)
+
+    async def run(self, resume_after: int | None) -> None:
+        runtime = self.runtime
+        runtime.sockets.add(self)
+        runtime.metrics.connections.inc()
+        await runtime.presence.join(self.board_id)
+        try:
+            with runtime.hub.subscribe_board(
+                self.board_id, runtime.settings.websocket_send_queue
+            ) as subscription:
+                if resume_after is not None:
+                    await self.resume(resume_after)
+                tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write(subscription))]
+                if self.principal.expires_at is not None:
+                    tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    # Let confirms already under way reach the client before we leave.
+                    await asyncio.gather(*self._publishes, return_exceptions=True)
+        except SlowConsumer:
+            self._log.warning("closing a slow consumer")
+            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            runtime.sockets.discard(self)
+            runtime.metrics.connections.dec()
+            await runtime.presence.leave(self.board_id)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            self.runtime.metrics.closes.labels(str(code)).inc()
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code, reason)
+
+    async def resume(self, after: int) -> None:
+        """Replay the board's retained events after `after`, then carry on live without a seam."""
+        replay = await self.runtime.hub.replay_board(self.board_id, after)
+        total = self.runtime.presence.total(self.board_id)
+        async with self._send_lock:
+            if replay.expired:
+                reset = ResetFrame(board_id=self.board_id, oldest_cursor=replay.oldest_cursor)
+                await self.websocket.send_text(codec.dumps(reset).decode())
+            for event in replay.events:
+                await self.websocket.send_text(codec.event_frame(event.event, total).decode())
+            self._last_sequence = replay.events[-1].sequence if replay.events else after
+
+    async def _read(self) -> None:
+        settings = self.runtime.settings
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            text = message.get("text")
+            if text is None:
+                await self._refuse(InvalidFrame("invalid_message", "Send JSON in text frames, not binary."))
+                continue
+            try:
+                frame = codec.decode_client_frame(text, settings.max_payload_bytes)
+            except InvalidFrame as exc:
+                await self._refuse(exc)
+                continue
+            if isinstance(frame, ResumeRequest):
+                await self.resume(frame.after)
+                continue
+            if not await self.runtime.limiter.hit(self.runtime.limit, "ws", self.sender):
+                self._strikes += 1
+                if self._strikes >= settings.websocket_rate_limit_strikes:
+                    self._log.warning("closing a client that keeps breaking its rate limit")
+                    await self.close(CLOSE_POLICY, "rate limit exceeded repeatedly")
+                    return
+                await self._refuse(
+                    InvalidFrame("rate_limited", "Too many messages: slow down.", frame.id)
+                )
+                continue
+            self._strikes = 0
+            await self._in_flight.acquire()
+            task = asyncio.create_task(self._publish(frame, time.perf_counter()))
+            self._publishes.add(task)
+            task.add_done_callback(self._publishes.discard)
+
+    async def _publish(self, message: BoardMessage, started: float) -> None:
+        metrics = self.runtime.metrics
+        try:
+            with tracer.start_as_current_span(
+                "publish board event",
+                kind=trace.SpanKind.PRODUCER,
+                attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
+            ):
+                # The frame was validated as a BoardMessage: construct without validating again.
+                envelope = BoardEventEnvelope.model_construct(
+                    schema_version=codec.SCHEMA_VERSION,
+                    event_id=uuid.uuid4(),
+                    correlation_id=message.id or uuid.uuid4().hex,
+                    board_id=self.board_id,
+                    type=message.type,
+                    payload=message.payload,
+                    sender=self.sender,
+                    occurred_at=utcnow(),
+                    trace_context=inject_trace_context(),
+                )
+                try:
+                    await self.runtime.publisher.publish(
+                        envelope, codec.dumps(envelope), envelope.trace_context
+                    )
+                except PublishUnavailable as exc:
+                    metrics.published.labels("error").inc()
+                    metrics.frames.labels("unavailable").inc()
+                    self._log.warning("publish failed", reason=str(exc))
+                    await self._send(
+                        ErrorFrame(
+                            code="unavailable",
+                            message="The event could not be stored; retry with the same id.",
+                            correlation_id=envelope.correlation_id,
+                        )
+                    )
+                    return
+            metrics.published.labels("success").inc()
+            metrics.frames.labels("accepted").inc()
+            metrics.publish_duration.observe(time.perf_counter() - started)
+            await self._send(AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id))
+        finally:
+            self._in_flight.release()
+
+    async def _write(self, subscription: Subscription[str]) -> None:
+        while True:
+            event, frame = await subscription.next()
+            async with self._send_lock:
+                if event.sequence <= self._last_sequence:
+                    continue  # already sent by a replay
+                await self.websocket.send_text(frame)
+                self._last_sequence = event.sequence
+
+    async def _expire(self, expires_at: float) -> None:
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        await self.close(CLOSE_UNAUTHORISED, "token expired")
+
+    async def _refuse(self, error: InvalidFrame) -> None:
+        self.runtime.metrics.frames.labels(error.code).inc()
+        await self._send(
+            ErrorFrame.model_construct(
+                kind="error", code=error.code, message=error.message, correlation_id=error.correlation_id
+            )
+        )
+
+    async def _send(self, frame: AckFrame | ErrorFrame) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            async with self._send_lock:
+                await self.websocket.send_text(codec.dumps(frame).decode())
+
+
+def render_event_frame(
+    presence: BoardPresence, metrics: IngressMetrics
+) -> Callable[[RelayedEvent], str]:
+    """Builds each event's frame once per process; every socket of the board sends that string."""
+
+    def render(event: RelayedEvent) -> str:
+        metrics.latency.labels("websocket").observe(seconds_since_occurred(event.event))
+        return codec.event_frame(event.event, presence.total(event.board_id)).decode()
+
+    return render

@@ -1,0 +1,1 @@
+// The playground script is written by the playground issue.

@@ -1,0 +1,40 @@
+"""`relay-worker` runs the relay; `relay-worker dlq list|replay` inspects and re-drives dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from envelope.observability import configure_logging, configure_tracing
+from envelope.service import serve
+from relay_worker.app import build_worker
+from relay_worker.dlq import list_dead_letters, replay_dead_letters
+from relay_worker.settings import WorkerSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="relay-worker", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    dlq = commands.add_parser("dlq", help="inspect or re-drive the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands.add_parser("list", help="print every dead letter with its reason")
+    replay = dlq_commands.add_parser("replay", help="publish dead letters back to the exchange")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", action="append", dest="ids", help="a message id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    args = parser.parse_args(argv)
+
+    settings = WorkerSettings()
+    if args.command == "dlq":
+        if args.dlq_command == "list":
+            sys.exit(asyncio.run(list_dead_letters(settings, sys.stdout)))
+        sys.exit(asyncio.run(replay_dead_letters(settings, None if args.all else set(args.ids), sys.stdout)))
+
+    configure_logging("relay-worker", settings.log_level)
+    configure_tracing(settings, "relay-worker")
+    serve(build_worker(settings), settings, settings.worker_port)
+
+
+if __name__ == "__main__":
+    main()

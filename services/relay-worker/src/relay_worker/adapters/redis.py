@@ -1,0 +1,115 @@
+"""The relay step in Redis, and the partition leases that keep one worker per partition."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import redis.asyncio as redis
+
+from envelope.memory import RelayOutcome
+from envelope.topology import RedisKeys
+
+# One atomic step: a crash before it changes nothing, a crash after it leaves a marker
+# that makes the redelivery a duplicate. The sequence is assigned here, so it is gapless
+# whatever the number of workers. The event is written to the board's stream (replay by
+# sequence), to the activity stream (replay across boards) and published for live readers.
+RELAY_SCRIPT = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return {0, tonumber(seen), '', 0} end
+local seq = redis.call('INCR', KEYS[2])
+local body = '{"sequence":' .. seq .. ',' .. string.sub(ARGV[3], 2)
+local gid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'b', ARGV[2], 's', seq, 'e', body)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'a', gid, 'e', body)
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
+local receivers = redis.call('PUBLISH', ARGV[5], gid .. ' ' .. ARGV[2] .. ' ' .. seq .. '\\n' .. body)
+return {1, seq, gid, receivers}
+"""
+
+
+class RedisRelayStore:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, retention: int) -> None:
+        self._keys = keys
+        self._retention = retention
+        self._script = client.register_script(RELAY_SCRIPT)
+
+    async def relay(
+        self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
+    ) -> RelayOutcome:
+        keys = self._keys
+        delivered, sequence, stream_id, receivers = await self._script(
+            keys=[
+                keys.idempotency(board_id, correlation_id),
+                keys.sequence(board_id),
+                keys.board_stream(board_id),
+                keys.activity_stream,
+            ],
+            args=[ttl_seconds, board_id, body, self._retention, keys.activity_channel],
+        )
+        return RelayOutcome(bool(delivered), int(sequence), stream_id.decode(), int(receivers))
+
+
+# Renew only a lease we still hold; release likewise.
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class PartitionLeases:
+    """Shares the partitions fairly among the live workers, one owner per partition.
+
+    Each worker heartbeats into a sorted set, holds at most ceil(partitions / workers)
+    leases, and consumes only the partition queues it leases. Queues are also
+    single-active-consumer, so even a worker that lost its lease while stalled cannot
+    process a partition alongside the new owner.
+    """
+
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, worker_id: str, partitions: int, ttl_ms: int
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._worker_id = worker_id
+        self._partitions = partitions
+        self._ttl_ms = ttl_ms
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    async def plan(self, owned: set[int]) -> tuple[set[int], set[int]]:
+        """Renew what we hold; return (partitions to start, partitions to give up)."""
+        now = int(time.time() * 1000)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._keys.workers, {self._worker_id: now})
+            pipe.zremrangebyscore(self._keys.workers, "-inf", now - self._ttl_ms)
+            pipe.zcard(self._keys.workers)
+            _, _, live = await pipe.execute()
+        fair = math.ceil(self._partitions / max(int(live), 1))
+
+        kept: set[int] = set()
+        for partition in sorted(owned):
+            renewed = await self._renew(
+                keys=[self._keys.partition_lease(partition)], args=[self._worker_id, self._ttl_ms]
+            )
+            if renewed:
+                kept.add(partition)
+        lost = owned - kept
+        surplus = set(sorted(kept)[fair:])
+        wanted: set[int] = set()
+        if len(kept) < fair:
+            for partition in range(self._partitions):
+                if partition in kept:
+                    continue
+                if await self._client.set(
+                    self._keys.partition_lease(partition), self._worker_id, nx=True, px=self._ttl_ms
+                ):
+                    wanted.add(partition)
+                    if len(kept) + len(wanted) >= fair:
+                        break
+        return wanted, lost | surplus
+
+    async def release(self, partition: int) -> None:
+        await self._release(keys=[self._keys.partition_lease(partition)], args=[self._worker_id])
+
+    async def leave(self, owned: set[int]) -> None:
+        for partition in owned:
+            await self.release(partition)
+        await self._client.zrem(self._keys.workers, self._worker_id)

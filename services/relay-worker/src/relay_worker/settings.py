@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from envelope.settings import SuiteSettings
+
+
+class WorkerSettings(SuiteSettings):
+    worker_port: int = 8006
+    rabbitmq_prefetch: int = Field(default=64, ge=1)
+    partition_lease_ms: int = Field(default=6000, ge=1000)
+    # Test-only fault hook: exit abruptly after the Redis step of the N-th message, before
+    # its RabbitMQ ack, to prove that the redelivery is recognised as a duplicate.
+    worker_fault_exit_after_relay: int = 0

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from envelope.observability import configure_logging, configure_tracing
+from envelope.service import serve
+from sse_gateway.app import create_app
+from sse_gateway.settings import GatewaySettings
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("sse-gateway", settings.log_level)
+    configure_tracing(settings, "sse-gateway")
+    app = create_app(settings)
+    serve(app, settings, settings.sse_port, drain=app.state.drain)
+
+
+if __name__ == "__main__":
+    main()
