@@ -15,7 +15,9 @@ from ingress_ws.settings import IngressSettings
 def answers(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "localhost", parts.port or default_port), 1):
+        with socket.create_connection(
+            (parts.hostname or "localhost", parts.port or default_port), 1
+        ):
             return True
     except OSError:
         return False
@@ -28,13 +30,14 @@ def main() -> int:
     )
     if settings.event_transport == "memory" or not brokers:
         print("dev: RabbitMQ or Redis not reachable: running the in-memory suite on one port")
-        return subprocess.call(["realtime-dev"])
+        return subprocess.call(["realtime-dev"])  # noqa: S607 - our own console script
 
     print("dev: RabbitMQ and Redis answer: starting relay-worker, ingress-ws and sse-gateway")
     env = dict(os.environ)
     page = f"http://localhost:{settings.ingress_port},http://127.0.0.1:{settings.ingress_port}"
     env.setdefault("ADVANCED_ALLOWED_ORIGINS", ",".join([*settings.allowed_origins, page]))
-    processes = [subprocess.Popen([name], env=env) for name in ("relay-worker", "ingress-ws", "sse-gateway")]
+    names = ("relay-worker", "ingress-ws", "sse-gateway")
+    processes = [subprocess.Popen([name], env=env) for name in names]  # noqa: S603
 
     def stop(*_: object) -> None:
         for process in processes:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PAGE = 1000
+StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class ActivityStore(Protocol):
@@ -73,7 +74,7 @@ class RedisActivityStore:
             yield self._frames(pubsub)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @staticmethod
     async def _frames(pubsub: PubSub) -> AsyncIterator[bytes]:
@@ -84,48 +85,45 @@ class RedisActivityStore:
             if message is not None:
                 yield message["data"]
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
-        key = self._keys.board_stream(board_id)
-        events: list[RelayedEvent] = []
-        start = f"({sequence}-0"
+    async def _range(self, key: str, after: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
+        start = f"({after}"
         while True:
-            rows = await self._client.xrange(key, min=start, count=PAGE)
+            rows = cast(StreamRows, await self._client.xrange(key, min=start, count=PAGE))
             for entry_id, fields in rows:
-                seq = int(entry_id.split(b"-")[0])
-                events.append(RelayedEvent(fields[b"a"].decode(), board_id, seq, fields[b"e"]))
+                yield entry_id.decode(), fields
             if len(rows) < PAGE:
-                return events
+                return
             start = "(" + rows[-1][0].decode()
+
+    async def _ends(self, key: str) -> tuple[str, str] | None:
+        first = cast(StreamRows, await self._client.xrange(key, count=1))
+        last = cast(StreamRows, await self._client.xrevrange(key, count=1))
+        if not first or not last:
+            return None
+        return first[0][0].decode(), last[0][0].decode()
+
+    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
+        return [
+            RelayedEvent(fields[b"a"].decode(), board_id, int(entry_id.split("-")[0]), fields[b"e"])
+            async for entry_id, fields in self._range(
+                self._keys.board_stream(board_id), f"{sequence}-0"
+            )
+        ]
 
     async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
-        events: list[RelayedEvent] = []
-        start = f"({stream_id}"
-        while True:
-            rows = await self._client.xrange(self._keys.activity_stream, min=start, count=PAGE)
-            for entry_id, fields in rows:
-                events.append(
-                    RelayedEvent(
-                        entry_id.decode(), fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"]
-                    )
-                )
-            if len(rows) < PAGE:
-                return events
-            start = "(" + rows[-1][0].decode()
+        return [
+            RelayedEvent(entry_id, fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"])
+            async for entry_id, fields in self._range(self._keys.activity_stream, stream_id)
+        ]
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
-        key = self._keys.board_stream(board_id)
-        first = await self._client.xrange(key, count=1)
-        last = await self._client.xrevrange(key, count=1)
-        if not first or not last:
+        ends = await self._ends(self._keys.board_stream(board_id))
+        if ends is None:
             return 0, 0
-        return int(first[0][0].split(b"-")[0]), int(last[0][0].split(b"-")[0])
+        return int(ends[0].split("-")[0]), int(ends[1].split("-")[0])
 
     async def activity_head(self) -> tuple[str, str]:
-        first = await self._client.xrange(self._keys.activity_stream, count=1)
-        last = await self._client.xrevrange(self._keys.activity_stream, count=1)
-        if not first or not last:
-            return "0-0", "0-0"
-        return first[0][0].decode(), last[0][0].decode()
+        return await self._ends(self._keys.activity_stream) or ("0-0", "0-0")
 
 
 class SlowConsumer(Exception):
@@ -238,8 +236,10 @@ class ActivityHub(Generic[T]):
         oldest, _newest = await self._store.activity_head()
         events = await self._store.activity_after(after)
         first = events[0].stream_id if events else None
-        expired = first is not None and stream_id_key(oldest) > stream_id_key(after) and (
-            stream_id_key(after) != (0, 0)
+        expired = (
+            first is not None
+            and stream_id_key(oldest) > stream_id_key(after)
+            and (stream_id_key(after) != (0, 0))
         )
         return Replay(events, expired, oldest if oldest != "0-0" else None)
 

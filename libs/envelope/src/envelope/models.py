@@ -16,7 +16,9 @@ EVENT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 BoardId = Annotated[str, StringConstraints(pattern=BOARD_ID_PATTERN)]
-EventType = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=EVENT_TYPE_PATTERN)]
+EventType = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=EVENT_TYPE_PATTERN)
+]
 CorrelationId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
 
 

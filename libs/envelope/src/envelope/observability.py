@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -29,14 +29,18 @@ def redact(text: str) -> str:
     return _SECRET_IN_TEXT.sub(_hide, text)
 
 
-def _redact_event(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact_event(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key, value in event_dict.items():
         if isinstance(value, str):
             event_dict[key] = redact(value)
     return event_dict
 
 
-def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_trace_ids(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
         event_dict["trace_id"] = format(span_context.trace_id, "032x")
@@ -99,10 +103,13 @@ def configure_tracing(settings: SuiteSettings, service: str) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
+
         if not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, headers=headers)))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, headers=headers))
+    )
     trace.set_tracer_provider(provider)
 
 

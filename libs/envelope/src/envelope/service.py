@@ -12,7 +12,6 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -84,13 +83,16 @@ class DrainingServer(uvicorn.Server):
         self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit(sig, frame))
 
     async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        assert self._drain is not None
         try:
             await asyncio.wait_for(self._drain(), timeout=5)
         finally:
             super().handle_exit(sig, frame)
 
 
-def serve(app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any) -> None:
+def serve(
+    app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any
+) -> None:
     """Run one service process: uvloop and httptools where available, logs left to structlog."""
     config = uvicorn.Config(
         app,
@@ -113,7 +115,9 @@ async def keep_trying(connect: Callable[[], Awaitable[None]], what: str, log: An
         try:
             await connect()
         except Exception as exc:  # any failure to connect: report, back off, try again
-            log.warning("broker not reachable yet, retrying", broker=what, error=str(exc), retry_in=delay)
+            log.warning(
+                "broker not reachable yet, retrying", broker=what, error=str(exc), retry_in=delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
         else:

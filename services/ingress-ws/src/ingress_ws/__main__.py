@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from envelope.observability import configure_logging, configure_tracing
 from envelope.service import serve
+
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
 

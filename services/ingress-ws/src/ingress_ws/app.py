@@ -12,6 +12,11 @@ from pathlib import Path
 
 import redis.asyncio as redis
 import structlog
+from envelope.auth import Authenticator, Unauthorized, credential_from
+from envelope.feed import ActivityHub, RedisActivityStore
+from envelope.memory import MemoryTransport
+from envelope.models import BOARD_ID_PATTERN
+from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -24,11 +29,6 @@ from slowapi.errors import RateLimitExceeded
 from slowapi.middleware import SlowAPIMiddleware
 from slowapi.util import get_remote_address
 
-from envelope.auth import Authenticator, Unauthorized, credential_from
-from envelope.feed import ActivityHub, RedisActivityStore
-from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
-from envelope.service import add_operations, keep_trying
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.presence import BoardPresence
@@ -82,15 +82,23 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 store = transport.store
                 presence_store, activity = store, store
             else:
-                client = redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=5)
+                client = redis.from_url(
+                    settings.redis_url.get_secret_value(), health_check_interval=5
+                )
                 stack.push_async_callback(client.aclose)
-                publisher = RabbitPublisher(settings.rabbitmq_url.get_secret_value(), settings.topology)
+                publisher = RabbitPublisher(
+                    settings.rabbitmq_url.get_secret_value(), settings.topology
+                )
                 presence_store = RedisPresence(client, settings.redis_keys)
                 activity = RedisActivityStore(client, settings.redis_keys)  # type: ignore[assignment]
             stack.push_async_callback(publisher.close)
 
             presence = BoardPresence(presence_store, instance)
-            hub: ActivityHub[str] = ActivityHub(activity, render_board=render_event_frame(presence, metrics), render_activity=lambda e: "")
+            hub: ActivityHub[str] = ActivityHub(
+                activity,
+                render_board=render_event_frame(presence, metrics),
+                render_activity=lambda e: "",
+            )
             runtime = IngressRuntime(
                 settings=settings,
                 publisher=publisher,
@@ -121,7 +129,10 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         runtime = holder.get("runtime")
         if runtime is not None:
             await asyncio.gather(
-                *(sock.close(CLOSE_GOING_AWAY, "server shutting down") for sock in list(runtime.sockets))
+                *(
+                    sock.close(CLOSE_GOING_AWAY, "server shutting down")
+                    for sock in list(runtime.sockets)
+                )
             )
 
     app = FastAPI(title="ingress-ws", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -134,7 +145,11 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         runtime = holder.get("runtime")
         rabbit = runtime is not None and runtime.publisher.ready
         redis_ok = runtime is not None and runtime.hub.connected.is_set()
-        return {"event_pipeline_ready": rabbit and redis_ok, "rabbitmq_connected": rabbit, "redis_connected": redis_ok}
+        return {
+            "event_pipeline_ready": rabbit and redis_ok,
+            "rabbitmq_connected": rabbit,
+            "redis_connected": redis_ok,
+        }
 
     add_operations(app, settings, registry, readiness, exempt=limiter.exempt)
 

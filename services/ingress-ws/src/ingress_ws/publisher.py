@@ -13,7 +13,8 @@ class PublishUnavailable(Exception):
 
 
 class EventPublisher(Protocol):
-    ready: bool
+    @property
+    def ready(self) -> bool: ...
 
     async def connect(self) -> None: ...
 
@@ -51,5 +52,3 @@ class MemoryPublisher:
             await self._broker.publish(body, dict(headers))
         except ConnectionError as exc:
             raise PublishUnavailable(str(exc)) from exc
-
-

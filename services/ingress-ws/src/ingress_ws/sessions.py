@@ -1,4 +1,4 @@
-"""One board WebSocket: frames in (validate, limit, publish, ack), events out (ordered, resumable)."""
+"""One board WebSocket: frames in (validated, limited, published, acked); events out, in order."""
 
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from limits import RateLimitItem
-from limits.aio.strategies import MovingWindowRateLimiter
-from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-
 from envelope import codec
 from envelope.auth import Principal
 from envelope.codec import InvalidFrame, RelayedEvent, seconds_since_occurred
 from envelope.feed import ActivityHub, SlowConsumer, Subscription
 from envelope.models import (
+    SCHEMA_VERSION,
     AckFrame,
     BoardEventEnvelope,
     BoardMessage,
@@ -30,6 +25,12 @@ from envelope.models import (
     utcnow,
 )
 from envelope.observability import inject_trace_context
+from limits import RateLimitItem
+from limits.aio.strategies import MovingWindowRateLimiter
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, PublishUnavailable
 from ingress_ws.settings import IngressSettings
@@ -128,7 +129,10 @@ class BoardSocket:
             ) as subscription:
                 if resume_after is not None:
                     await self.resume(resume_after)
-                tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write(subscription))]
+                tasks = [
+                    asyncio.create_task(self._read()),
+                    asyncio.create_task(self._write(subscription)),
+                ]
                 if self.principal.expires_at is not None:
                     tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
                 try:
@@ -177,7 +181,9 @@ class BoardSocket:
                 raise WebSocketDisconnect(message.get("code", 1000))
             text = message.get("text")
             if text is None:
-                await self._refuse(InvalidFrame("invalid_message", "Send JSON in text frames, not binary."))
+                await self._refuse(
+                    InvalidFrame("invalid_message", "Send JSON in text frames, not binary.")
+                )
                 continue
             try:
                 frame = codec.decode_client_frame(text, settings.max_payload_bytes)
@@ -213,7 +219,7 @@ class BoardSocket:
             ):
                 # The frame was validated as a BoardMessage: construct without validating again.
                 envelope = BoardEventEnvelope.model_construct(
-                    schema_version=codec.SCHEMA_VERSION,
+                    schema_version=SCHEMA_VERSION,
                     event_id=uuid.uuid4(),
                     correlation_id=message.id or uuid.uuid4().hex,
                     board_id=self.board_id,
@@ -242,7 +248,9 @@ class BoardSocket:
             metrics.published.labels("success").inc()
             metrics.frames.labels("accepted").inc()
             metrics.publish_duration.observe(time.perf_counter() - started)
-            await self._send(AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id))
+            await self._send(
+                AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
+            )
         finally:
             self._in_flight.release()
 
@@ -263,7 +271,10 @@ class BoardSocket:
         self.runtime.metrics.frames.labels(error.code).inc()
         await self._send(
             ErrorFrame.model_construct(
-                kind="error", code=error.code, message=error.message, correlation_id=error.correlation_id
+                kind="error",
+                code=error.code,  # type: ignore[arg-type]
+                message=error.message,
+                correlation_id=error.correlation_id,
             )
         )
 

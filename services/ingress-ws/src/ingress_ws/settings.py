@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from pydantic import Field
-
 from envelope.settings import SuiteSettings
+from pydantic import Field
 
 
 class IngressSettings(SuiteSettings):

@@ -1,4 +1,4 @@
-"""`relay-worker` runs the relay; `relay-worker dlq list|replay` inspects and re-drives dead letters."""
+"""`relay-worker` runs the relay; `relay-worker dlq list|replay` handles dead letters."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from envelope.observability import configure_logging, configure_tracing
 from envelope.service import serve
+
 from relay_worker.app import build_worker
 from relay_worker.dlq import list_dead_letters, replay_dead_letters
 from relay_worker.settings import WorkerSettings
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dlq":
         if args.dlq_command == "list":
             sys.exit(asyncio.run(list_dead_letters(settings, sys.stdout)))
-        sys.exit(asyncio.run(replay_dead_letters(settings, None if args.all else set(args.ids), sys.stdout)))
+        sys.exit(
+            asyncio.run(
+                replay_dead_letters(settings, None if args.all else set(args.ids), sys.stdout)
+            )
+        )
 
     configure_logging("relay-worker", settings.log_level)
     configure_tracing(settings, "relay-worker")

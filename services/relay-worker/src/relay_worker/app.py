@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import aio_pika
 import redis.asyncio as redis
 import structlog
+from envelope.memory import MemoryTransport
+from envelope.service import add_operations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from envelope.memory import MemoryTransport
-from envelope.service import add_operations
 from relay_worker.adapters.memory import consume_memory
 from relay_worker.adapters.rabbitmq import declare_topology
 from relay_worker.adapters.redis import PartitionLeases, RedisRelayStore
@@ -58,7 +58,9 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 await declare_topology(channel, settings.topology, settings.rabbitmq_retry_delay_ms)
 
             keys = settings.redis_keys
-            relay = Relay(RedisRelayStore(client, keys, settings.replay_retention), settings, metrics)
+            relay = Relay(
+                RedisRelayStore(client, keys, settings.replay_retention), settings, metrics
+            )
             worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
             leases = PartitionLeases(
                 client, keys, worker_id, settings.rabbitmq_partitions, settings.partition_lease_ms
@@ -82,7 +84,9 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             state["connection"] = connection
             state["redis_up"] = redis_up
             task = asyncio.create_task(consumer.run())
-            log.info("relay worker started", worker_id=worker_id, partitions=settings.rabbitmq_partitions)
+            log.info(
+                "relay worker started", worker_id=worker_id, partitions=settings.rabbitmq_partitions
+            )
             try:
                 yield
             finally:

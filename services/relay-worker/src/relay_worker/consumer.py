@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from envelope.topology import Topology
 from prometheus_client import CollectorRegistry, Gauge
 from redis.exceptions import RedisError
 
-from envelope.topology import Topology
 from relay_worker.adapters.rabbitmq import AmqpDelivery, partition_messages
 from relay_worker.adapters.redis import PartitionLeases
 from relay_worker.relay import Relay
@@ -72,7 +72,9 @@ class PartitionedConsumer:
             try:
                 start, stop = await self._leases.plan(self.owned)
             except (RedisError, OSError) as exc:
-                log.warning("partition leases unavailable; keeping current partitions", error=str(exc))
+                log.warning(
+                    "partition leases unavailable; keeping current partitions", error=str(exc)
+                )
             else:
                 for partition in stop:
                     await self._stop(partition, release=True)
@@ -99,7 +101,9 @@ class PartitionedConsumer:
             async with queue.iterator() as messages:
                 async for message in messages:
                     async with busy:
-                        await self._relay.handle(AmqpDelivery(message, channel, self._topology, name))
+                        await self._relay.handle(
+                            AmqpDelivery(message, channel, self._topology, name)
+                        )
 
     async def _stop(self, partition: int, *, release: bool) -> None:
         state = self._owned.pop(partition)

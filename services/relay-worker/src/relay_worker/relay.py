@@ -7,13 +7,13 @@ import time
 from typing import Literal, Protocol
 
 import structlog
-from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
 from envelope.codec import MalformedEnvelope, activity_body, decode_envelope
 from envelope.memory import RelayOutcome
 from envelope.models import utcnow
 from envelope.observability import extract_trace_context, inject_trace_context
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
 from relay_worker.settings import WorkerSettings
 
 log = structlog.get_logger("relay_worker")
@@ -91,7 +91,10 @@ class Relay:
             "relay board event",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
-            attributes={"board.id": envelope.board_id, "messaging.message.id": str(envelope.event_id)},
+            attributes={
+                "board.id": envelope.board_id,
+                "messaging.message.id": str(envelope.event_id),
+            },
         ):
             traced = envelope.model_copy(update={"trace_context": inject_trace_context()})
             body = activity_body(traced, utcnow())
@@ -106,10 +109,16 @@ class Relay:
             except Exception as exc:  # any store failure: the broker retries the message
                 reason = f"{type(exc).__name__}: {exc}"
                 if delivery.attempts >= self._settings.rabbitmq_max_retries:
-                    bound.error("dead-lettering after the last retry", attempts=delivery.attempts, reason=reason)
+                    bound.error(
+                        "dead-lettering after the last retry",
+                        attempts=delivery.attempts,
+                        reason=reason,
+                    )
                     await delivery.dead_letter(reason)
                     return "dead_lettered"
-                bound.warning("relay failed, retrying", attempts=delivery.attempts + 1, reason=reason)
+                bound.warning(
+                    "relay failed, retrying", attempts=delivery.attempts + 1, reason=reason
+                )
                 await delivery.retry(reason)
                 return "retried"
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from envelope.observability import configure_logging, configure_tracing
 from envelope.service import serve
+
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
 

@@ -10,6 +10,11 @@ from typing import Annotated
 import anyio
 import redis.asyncio as redis
 import structlog
+from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
+from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
+from envelope.memory import MemoryTransport
+from envelope.models import BOARD_ID_PATTERN
+from envelope.service import add_operations
 from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -20,11 +25,6 @@ from slowapi.middleware import SlowAPIMiddleware
 from slowapi.util import get_remote_address
 from sse_starlette import EventSourceResponse
 
-from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
-from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
-from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
-from envelope.service import add_operations
 from sse_gateway.settings import GatewaySettings
 from sse_gateway.streams import (
     GatewayMetrics,
@@ -56,7 +56,9 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             if settings.event_transport == "memory":
                 store = (memory or MemoryTransport()).store
             else:
-                client = redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=5)
+                client = redis.from_url(
+                    settings.redis_url.get_secret_value(), health_check_interval=5
+                )
                 stack.push_async_callback(client.aclose)
                 store = RedisActivityStore(client, settings.redis_keys)
             hub: ActivityHub[bytes] = ActivityHub(
@@ -96,7 +98,9 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
 
     def authenticate(request: Request) -> Principal:
         return authenticator.authenticate(
@@ -147,7 +151,9 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
         if not principal.may_access(board_id):
             raise HTTPException(403, "This token does not grant the board.")
         admit()
-        events = board_stream(hubs["hub"], metrics, board_id, cursor_of(request), settings.sse_send_queue)
+        events = board_stream(
+            hubs["hub"], metrics, board_id, cursor_of(request), settings.sse_send_queue
+        )
         return respond("board", events)
 
     @app.get("/sse/activity")

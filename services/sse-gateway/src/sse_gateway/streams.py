@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sse_starlette import ServerSentEvent
-
 from envelope.codec import RelayedEvent, seconds_since_occurred
 from envelope.feed import ActivityHub, Replay, SlowConsumer, stream_id_key
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sse_starlette import ServerSentEvent
 
 
 class GatewayMetrics:
@@ -18,16 +17,23 @@ class GatewayMetrics:
             "advanced_sse_connections", "Open SSE streams.", ["route"], registry=registry
         )
         self.sent = Counter(
-            "advanced_sse_events_sent", "Events written to SSE streams.", ["route"], registry=registry
+            "advanced_sse_events_sent",
+            "Events written to SSE streams.",
+            ["route"],
+            registry=registry,
         )
         self.replayed = Counter(
-            "advanced_sse_replayed_events", "Events sent from the streams on resume.", registry=registry
+            "advanced_sse_replayed_events",
+            "Events sent from the streams on resume.",
+            registry=registry,
         )
         self.resets = Counter(
             "advanced_sse_resets", "Resumes whose cursor was no longer retained.", registry=registry
         )
         self.slow = Counter(
-            "advanced_sse_slow_consumers", "Streams cut because the client fell behind.", registry=registry
+            "advanced_sse_slow_consumers",
+            "Streams cut because the client fell behind.",
+            registry=registry,
         )
         self.latency = Histogram(
             "advanced_delivery_latency_seconds",
@@ -115,7 +121,9 @@ async def activity_stream(
                 if boards is None or event.board_id in boards:
                     yield activity_frame(event)
             metrics.replayed.inc(len(replay.events))
-            seam = stream_id_key(replay.events[-1].stream_id if replay.events else cursor if valid else "0-0")
+            seam = stream_id_key(
+                replay.events[-1].stream_id if replay.events else cursor if valid else "0-0"
+            )
         try:
             while True:
                 event, frame = await subscription.next()

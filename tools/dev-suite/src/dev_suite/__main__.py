@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
-
 from envelope.memory import MemoryTransport
 from envelope.observability import configure_logging
 from envelope.service import serve
+from fastapi import FastAPI
 from ingress_ws.app import create_app as create_ingress
 from ingress_ws.settings import IngressSettings
 from relay_worker.app import build_worker
@@ -42,10 +41,10 @@ class DevSuite:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            message = await receive()
+            await receive()  # lifespan.startup
             async with self.lifespan():
                 await send({"type": "lifespan.startup.complete"})
-                message = await receive()
+                await receive()  # lifespan.shutdown
             await send({"type": "lifespan.shutdown.complete"})
             return
         target = self.gateway if scope.get("path", "").startswith("/sse/") else self.ingress
@@ -68,8 +67,8 @@ def main() -> None:
     settings = IngressSettings(event_transport="memory")
     configure_logging("dev-suite", settings.log_level)
     log.info(
-        "running the whole suite in one process on the in-memory transport (no RabbitMQ, no Redis); "
-        "nothing survives a restart",
+        "running the whole suite in one process on the in-memory transport "
+        "(no RabbitMQ, no Redis); nothing survives a restart",
         url=f"http://{settings.host}:{settings.ingress_port}",
     )
     suite = create_suite()

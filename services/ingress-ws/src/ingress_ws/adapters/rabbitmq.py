@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
-
 from envelope.models import BoardEventEnvelope
 from envelope.topology import Topology
+
 from ingress_ws.publisher import PublishUnavailable
 
 
@@ -49,7 +48,9 @@ class RabbitPublisher:
             and not self._channel.is_closed
         )
 
-    async def publish(self, envelope: BoardEventEnvelope, body: bytes, headers: dict[str, str]) -> None:
+    async def publish(
+        self, envelope: BoardEventEnvelope, body: bytes, headers: dict[str, str]
+    ) -> None:
         if self._exchange is None or not self.ready:
             raise PublishUnavailable("RabbitMQ is not connected")
         message = aio_pika.Message(
@@ -64,5 +65,7 @@ class RabbitPublisher:
             await self._exchange.publish(
                 message, routing_key=self._topology.routing_key(envelope.board_id), mandatory=True
             )
-        except (DeliveryError, PublishError, AMQPError, ConnectionError, asyncio.TimeoutError) as exc:
-            raise PublishUnavailable(f"RabbitMQ did not confirm the publish: {type(exc).__name__}") from exc
+        except (TimeoutError, DeliveryError, PublishError, AMQPError, ConnectionError) as exc:
+            raise PublishUnavailable(
+                f"RabbitMQ did not confirm the publish: {type(exc).__name__}"
+            ) from exc

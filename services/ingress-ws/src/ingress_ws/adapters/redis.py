@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis.asyncio as redis
-
 from envelope.topology import RedisKeys
 
 
@@ -31,7 +31,8 @@ class RedisPresence:
     async def presence_total(self, board_id: str) -> int:
         now = int(time.time() * 1000)
         total = 0
-        for value in (await self._client.hgetall(self._keys.presence(board_id))).values():
+        fields = cast(dict[bytes, bytes], await self._client.hgetall(self._keys.presence(board_id)))
+        for value in fields.values():
             count, _, expires = value.decode().partition(":")
             if int(expires) > now:
                 total += int(count)

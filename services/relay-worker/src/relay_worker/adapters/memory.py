@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from envelope.memory import MemoryBroker, MemoryMessage
+
 from relay_worker.relay import Relay
 
 ATTEMPTS = "x-advanced-attempts"
@@ -29,7 +30,11 @@ class MemoryDelivery:
         )
 
     async def dead_letter(self, reason: str) -> None:
-        headers = {**self._message.headers, "x-advanced-failure-reason": reason, ATTEMPTS: self.attempts + 1}
+        headers = {
+            **self._message.headers,
+            "x-advanced-failure-reason": reason,
+            ATTEMPTS: self.attempts + 1,
+        }
         self._broker.dead_letters.append(MemoryMessage(self.body, headers))
 
 

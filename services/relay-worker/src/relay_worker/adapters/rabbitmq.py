@@ -16,7 +16,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-
 from envelope.topology import Topology
 
 log = structlog.get_logger("relay_worker")
@@ -26,7 +25,9 @@ ATTEMPTS_HEADER = "x-advanced-attempts"
 ROUTING_KEY_HEADER = "x-advanced-routing-key"
 
 
-async def declare_topology(channel: AbstractChannel, topology: Topology, retry_delay_ms: int) -> None:
+async def declare_topology(
+    channel: AbstractChannel, topology: Topology, retry_delay_ms: int
+) -> None:
     """Durable exchange, one durable single-active-consumer queue per partition, retry and DLQ.
 
     A rejected message dead-letters to the retry exchange; the retry queue holds it for the
@@ -63,13 +64,19 @@ def failed_attempts(message: AbstractIncomingMessage, queue_name: str) -> int:
     return sum(
         int(death.get("count", 0))
         for death in deaths
-        if isinstance(death, dict) and death.get("queue") == queue_name and death.get("reason") == "rejected"
+        if isinstance(death, dict)
+        and death.get("queue") == queue_name
+        and death.get("reason") == "rejected"
     )
 
 
 class AmqpDelivery:
     def __init__(
-        self, message: AbstractIncomingMessage, channel: AbstractChannel, topology: Topology, queue: str
+        self,
+        message: AbstractIncomingMessage,
+        channel: AbstractChannel,
+        topology: Topology,
+        queue: str,
     ) -> None:
         self.body = message.body
         self.attempts = failed_attempts(message, queue)

@@ -6,7 +6,6 @@ import math
 import time
 
 import redis.asyncio as redis
-
 from envelope.memory import RelayOutcome
 from envelope.topology import RedisKeys
 
@@ -19,10 +18,12 @@ local seen = redis.call('GET', KEYS[1])
 if seen then return {0, tonumber(seen), '', 0} end
 local seq = redis.call('INCR', KEYS[2])
 local body = '{"sequence":' .. seq .. ',' .. string.sub(ARGV[3], 2)
-local gid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'b', ARGV[2], 's', seq, 'e', body)
+local gid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
+  'b', ARGV[2], 's', seq, 'e', body)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'a', gid, 'e', body)
 redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
-local receivers = redis.call('PUBLISH', ARGV[5], gid .. ' ' .. ARGV[2] .. ' ' .. seq .. '\\n' .. body)
+local frame = gid .. ' ' .. ARGV[2] .. ' ' .. seq .. '\\n' .. body
+local receivers = redis.call('PUBLISH', ARGV[5], frame)
 return {1, seq, gid, receivers}
 """
 
@@ -50,8 +51,13 @@ class RedisRelayStore:
 
 
 # Renew only a lease we still hold; release likewise.
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 class PartitionLeases:
