@@ -69,7 +69,8 @@ Drain = Callable[[], Awaitable[None]]
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM, runs the service's drain (close sockets with 1001) before uvicorn's own."""
+    """SIGTERM is an orchestrator's normal stop: drain (close sockets with 1001), then let
+    uvicorn finish in-flight requests, and exit 0 rather than re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, drain: Drain | None) -> None:
         super().__init__(config)
@@ -77,17 +78,17 @@ class DrainingServer(uvicorn.Server):
         self._draining: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain is None or self._draining is not None or sig != signal.SIGTERM:
+        if sig != signal.SIGTERM:
             super().handle_exit(sig, frame)
-            return
-        self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit(sig, frame))
+        elif self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit())
 
-    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
-        assert self._drain is not None
+    async def _drain_then_exit(self) -> None:
         try:
-            await asyncio.wait_for(self._drain(), timeout=5)
+            if self._drain is not None:
+                await asyncio.wait_for(self._drain(), timeout=5)
         finally:
-            super().handle_exit(sig, frame)
+            self.should_exit = True
 
 
 def serve(

@@ -1,0 +1,122 @@
+"""Minimal protocol clients for tests: a WebSocket board client and an SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+
+
+@dataclass
+class SseEvent:
+    event: str = "message"
+    id: str | None = None
+    data: str = ""
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+@dataclass
+class SseStream:
+    """Reads an SSE response in the background into a queue of parsed events."""
+
+    response: httpx.Response
+    events: asyncio.Queue[SseEvent] = field(default_factory=asyncio.Queue)
+    comments: int = 0
+
+    async def pump(self) -> None:
+        current = SseEvent()
+        has_field = False
+        async for line in self.response.aiter_lines():
+            if line == "":
+                if has_field:
+                    await self.events.put(current)
+                current, has_field = SseEvent(), False
+                continue
+            if line.startswith(":"):
+                self.comments += 1
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            has_field = True
+            if name == "event":
+                current.event = value
+            elif name == "id":
+                current.id = value
+            elif name == "data":
+                current.data = value if not current.data else current.data + "\n" + value
+
+    async def next(self, timeout: float = 10.0, kind: str = "activity") -> SseEvent:
+        while True:
+            event = await asyncio.wait_for(self.events.get(), timeout)
+            if event.event == kind:
+                return event
+
+
+@contextlib.asynccontextmanager
+async def sse(url: str, headers: dict[str, str] | None = None) -> AsyncIterator[SseStream]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
+        async with client.stream("GET", url, headers=headers or {}) as response:
+            assert response.status_code == 200, (response.status_code, await response.aread())
+            stream = SseStream(response)
+            task = asyncio.create_task(stream.pump())
+            try:
+                yield stream
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                    await task
+
+
+class BoardClient:
+    """A WebSocket on one board that sorts the server's frames by kind."""
+
+    def __init__(self, connection: websockets.ClientConnection) -> None:
+        self.connection = connection
+        self.frames: dict[str, asyncio.Queue[dict[str, Any]]] = {
+            kind: asyncio.Queue() for kind in ("ack", "event", "error", "reset")
+        }
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for raw in self.connection:
+                frame = orjson.loads(raw)
+                await self.frames[frame["kind"]].put(frame)
+
+    async def send(
+        self,
+        type_: str = "note.created",
+        payload: dict[str, Any] | None = None,
+        id_: str | None = None,
+    ) -> str:
+        correlation_id = id_ or uuid.uuid4().hex
+        await self.connection.send(
+            orjson.dumps({"type": type_, "payload": payload or {}, "id": correlation_id}).decode()
+        )
+        return correlation_id
+
+    async def next(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+        return await asyncio.wait_for(self.frames[kind].get(), timeout)
+
+    async def close(self) -> None:
+        await self.connection.close()
+        self._task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def board(url: str, **kwargs: Any) -> AsyncIterator[BoardClient]:
+    async with websockets.connect(url, **kwargs) as connection:
+        client = BoardClient(connection)
+        try:
+            yield client
+        finally:
+            client._task.cancel()
