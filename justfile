@@ -58,3 +58,25 @@ schema: setup
 [group('run')]
 probe *args: setup
     {{uv}} run realtime-probe {{args}}
+
+# Start the whole suite in containers (writes deploy/compose/.env with a fresh token on first use).
+[group('deploy')]
+up:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [[ ! -f deploy/compose/.env ]]; then
+        token=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+        sed "s/^ADVANCED_REALTIME_TOKEN=.*/ADVANCED_REALTIME_TOKEN=${token}/" deploy/compose/.env.example > deploy/compose/.env
+        echo "wrote deploy/compose/.env with a new ADVANCED_REALTIME_TOKEN"
+    fi
+    docker compose -f deploy/compose/compose.yaml up --build --detach --wait
+
+# Stop the containers (volumes kept).
+[group('deploy')]
+down:
+    docker compose -f deploy/compose/compose.yaml down
+
+# Offline checks: hadolint, compose config, kustomize + kubernetes-validate, uv lock --check.
+[group('check')]
+lint-deploy:
+    bash scripts/check-deploy.sh

@@ -12,19 +12,20 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
+from ingress_ws.settings import IngressSettings
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
-
-from ingress_ws.settings import IngressSettings
 from relay_worker.settings import WorkerSettings
 from sse_gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "deploy" / "compose"
 K8S_DIR = REPO / "deploy" / "k8s"
+ALERTS = COMPOSE_DIR / "prometheus" / "alerts.yml"
+DASHBOARDS = COMPOSE_DIR / "grafana" / "dashboards"
 
 SETTINGS: dict[str, type[BaseSettings]] = {
     "ingress-ws": IngressSettings,
@@ -59,33 +60,33 @@ HISTOGRAMS = {
 }
 
 
-def env_names(settings: type[BaseSettings]) -> set[str]:
-    prefix = settings.model_config.get("env_prefix", "")
-    return {f"{prefix}{name}".upper() for name in settings.model_fields}
-
-
-def secret_env_names(settings: type[BaseSettings]) -> set[str]:
+def env_names(settings: type[BaseSettings], *, secrets_only: bool = False) -> set[str]:
+    """The variables a settings class reads (`SecretStr` fields only, with `secrets_only`)."""
     prefix = settings.model_config.get("env_prefix", "")
     return {
         f"{prefix}{name}".upper()
         for name, field in settings.model_fields.items()
-        if SecretStr in (field.annotation, *getattr(field.annotation, "__args__", ()))
+        if not secrets_only or SecretStr in (field.annotation, *get_args(field.annotation))
     }
 
 
 READ_BY = {service: env_names(settings) for service, settings in SETTINGS.items()}
 READ_BY_ANY = set().union(*READ_BY.values())
-SECRETS = set().union(*(secret_env_names(settings) for settings in SETTINGS.values()))
+SECRETS = set().union(*(env_names(settings, secrets_only=True) for settings in SETTINGS.values()))
 
 
-# --- collecting what the deploy files set ---------------------------------------------------
+# --- what the deploy files set --------------------------------------------------------------
 
 _ADVANCED = re.compile(r"^(ADVANCED_[A-Z0-9_]+)(?:=|$)")
 _ENV_FILE_LINE = re.compile(r"^#?\s*(ADVANCED_[A-Z0-9_]+)=", re.MULTILINE)
 
 
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
 def k8s_documents() -> Iterator[tuple[Path, Any]]:
-    """Every YAML document under deploy/k8s, with kustomize's inline patches parsed too."""
+    """Every YAML document under deploy/k8s, kustomize's inline patches included."""
     for path in sorted(K8S_DIR.rglob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             if document is None:
@@ -123,14 +124,13 @@ def containers(document: Any) -> Iterator[dict[str, Any]]:
 
 def service_of(container: dict[str, Any]) -> str:
     """The service whose image a container runs (the probe runs in the ingress-ws image)."""
-    image = container.get("image", "")
-    return image.rsplit("/", 1)[-1].split(":", 1)[0] if image else container["name"]
+    image: str = container.get("image", "")
+    name: str = container["name"]
+    return image.rsplit("/", 1)[-1].split(":", 1)[0] if image else name
 
 
 def compose_services() -> dict[str, Any]:
-    services: dict[str, Any] = yaml.safe_load((COMPOSE_DIR / "compose.yaml").read_text())[
-        "services"
-    ]
+    services: dict[str, Any] = load_yaml(COMPOSE_DIR / "compose.yaml")["services"]
     return services
 
 
@@ -142,6 +142,7 @@ def compose_environment(service: dict[str, Any]) -> set[str]:
 
 
 def env_example_names(path: Path) -> set[str]:
+    """Variables an example env file sets or documents (commented-out optional ones too)."""
     return set(_ENV_FILE_LINE.findall(path.read_text()))
 
 
@@ -150,19 +151,14 @@ def env_example_names(path: Path) -> set[str]:
 
 def test_compose_sets_only_variables_each_service_reads() -> None:
     services = compose_services()
-    for name, settings_names in READ_BY.items():
-        environment = {
-            var for var in compose_environment(services[name]) if var.startswith("ADVANCED_")
-        }
-        assert "ADVANCED_REALTIME_TOKEN" in environment
-        assert environment <= settings_names, (
-            f"{name} does not read {sorted(environment - settings_names)}"
-        )
+    assert set(READ_BY) <= set(services)
     for name, service in services.items():
+        environment = {var for var in compose_environment(service) if var.startswith("ADVANCED_")}
         if name not in READ_BY:
-            assert not any(var.startswith("ADVANCED_") for var in compose_environment(service)), (
-                name
-            )
+            assert not environment, f"{name} is not a suite service: {sorted(environment)}"
+            continue
+        assert "ADVANCED_REALTIME_TOKEN" in environment
+        assert environment <= READ_BY[name], f"{name} ignores {sorted(environment - READ_BY[name])}"
 
 
 def test_compose_runs_the_services_as_production() -> None:
@@ -172,19 +168,17 @@ def test_compose_runs_the_services_as_production() -> None:
 
 
 def test_kubernetes_sets_only_variables_the_services_read() -> None:
-    found: dict[str, set[Path]] = {}
+    found: dict[str, set[str]] = {}
     for path, document in k8s_documents():
         for name in advanced_names(document):
-            found.setdefault(name, set()).add(path.relative_to(REPO))
+            found.setdefault(name, set()).add(str(path.relative_to(REPO)))
     for path in K8S_DIR.rglob("*.env.example"):
         for name in env_example_names(path):
-            found.setdefault(name, set()).add(path.relative_to(REPO))
+            found.setdefault(name, set()).add(str(path.relative_to(REPO)))
     assert {"ADVANCED_ENVIRONMENT", "ADVANCED_REALTIME_TOKEN", "ADVANCED_RABBITMQ_URL"} <= set(
         found
     )
-    unknown = {
-        name: sorted(map(str, paths)) for name, paths in found.items() if name not in READ_BY_ANY
-    }
+    unknown = {name: sorted(paths) for name, paths in found.items() if name not in READ_BY_ANY}
     assert not unknown, f"no service reads {unknown}"
 
 
@@ -195,7 +189,7 @@ def test_kubernetes_container_env_is_read_by_that_container() -> None:
             service = service_of(container)
             names = {entry["name"] for entry in container.get("env", [])}
             assert names <= READ_BY[service], (
-                f"{path}: {service} does not read {names - READ_BY[service]}"
+                f"{path}: {service} ignores {names - READ_BY[service]}"
             )
             checked.add(service)
     assert checked == set(READ_BY)
@@ -207,6 +201,7 @@ def test_kubernetes_port_variables_match_the_container_ports() -> None:
         "sse-gateway": "ADVANCED_SSE_PORT",
         "relay-worker": "ADVANCED_WORKER_PORT",
     }
+    checked = set()
     for _, document in k8s_documents():
         if not isinstance(document, dict) or document.get("kind") != "Deployment":
             continue
@@ -214,27 +209,28 @@ def test_kubernetes_port_variables_match_the_container_ports() -> None:
             if "ports" not in container:
                 continue  # a patch
             env = {entry["name"]: entry.get("value") for entry in container.get("env", [])}
-            http = next(
-                port["containerPort"] for port in container["ports"] if port["name"] == "http"
-            )
-            assert env[port_variables[service_of(container)]] == str(http)
+            ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+            service = service_of(container)
+            assert env[port_variables[service]] == str(ports["http"]), service
+            checked.add(service)
+    assert checked == set(port_variables)
 
 
 def test_secrets_live_in_the_secret_and_nothing_else_does() -> None:
     example = env_example_names(K8S_DIR / "secrets.env.example")
-    assert example <= SECRETS, f"not secrets, move to the ConfigMap: {sorted(example - SECRETS)}"
     assert {"ADVANCED_REALTIME_TOKEN", "ADVANCED_REDIS_URL", "ADVANCED_RABBITMQ_URL"} <= example
+    assert example <= SECRETS, f"not secrets, move to the ConfigMap: {sorted(example - SECRETS)}"
     for path, document in k8s_documents():
         if not isinstance(document, dict):
             continue
-        config = set()
+        plain: set[str] = set()
         for generator in document.get("configMapGenerator", []):
-            config |= advanced_names(generator.get("literals", []))
+            plain |= advanced_names(generator.get("literals", []))
         if document.get("kind") == "ConfigMap":
-            config |= advanced_names(document.get("data", {}))
+            plain |= advanced_names(document.get("data", {}))
         for container in containers(document):
-            config |= {entry["name"] for entry in container.get("env", []) if "value" in entry}
-        assert not config & SECRETS, f"{path}: secrets in plain config: {sorted(config & SECRETS)}"
+            plain |= {entry["name"] for entry in container.get("env", []) if "value" in entry}
+        assert not plain & SECRETS, f"{path}: secrets in plain config: {sorted(plain & SECRETS)}"
 
 
 # --- metrics, dashboard and alerts ----------------------------------------------------------
@@ -261,47 +257,48 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def dashboard_expressions(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every query of a dashboard, rows' nested panels included."""
+    pending = list(json.loads(path.read_text())["panels"])
+    while pending:
+        panel = pending.pop()
+        pending.extend(panel.get("panels", []))
+        for target in panel.get("targets", []):
+            yield panel["title"], target
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
 def test_metric_name_extraction() -> None:
     expr = (
-        "histogram_quantile(0.99, sum by (le, transport) (rate(advanced_delivery_latency_seconds_bucket"
-        '{queue=~"a.b"}[5m]))) > 0.5 or absent(up{job="x"}) or vector(0)'
+        "histogram_quantile(0.99, sum by (le, transport) ("
+        'rate(advanced_delivery_latency_seconds_bucket{queue=~"a.b"}[5m])'
+        ')) > 0.5 or absent(up{job="x"}) or vector(0)'
     )
     assert metric_names(expr) == {"advanced_delivery_latency_seconds", "up"}
 
 
-def dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in panels:
-        yield panel
-        yield from dashboard_panels(panel.get("panels", []))
-
-
 def test_dashboard_queries_only_documented_metrics() -> None:
-    dashboards = sorted((COMPOSE_DIR / "grafana" / "dashboards").glob("*.json"))
+    dashboards = sorted(DASHBOARDS.glob("*.json"))
     assert dashboards
-    datasources = yaml.safe_load(
-        (COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
-    )
+    datasources = load_yaml(COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yml")
     datasource_uids = {source["uid"] for source in datasources["datasources"]}
     for path in dashboards:
-        dashboard = json.loads(path.read_text())
         queried = set()
-        for panel in dashboard_panels(dashboard["panels"]):
-            for target in panel.get("targets", []):
-                assert target["datasource"]["uid"] in datasource_uids, (
-                    f"{path.name}: {panel['title']}"
-                )
-                queried |= metric_names(target["expr"])
+        for title, target in dashboard_expressions(path):
+            assert target["datasource"]["uid"] in datasource_uids, title
+            queried |= metric_names(target["expr"])
         assert queried, f"{path.name} queries nothing"
-        assert queried <= DOCUMENTED_METRICS, (
-            f"{path.name}: undocumented {sorted(queried - DOCUMENTED_METRICS)}"
-        )
+        undocumented = queried - DOCUMENTED_METRICS
+        assert not undocumented, f"{path.name}: undocumented metrics {sorted(undocumented)}"
 
 
 def test_alert_rules_parse_with_the_expected_groups() -> None:
-    rules = yaml.safe_load((COMPOSE_DIR / "prometheus" / "alerts.yml").read_text())
-    groups = {group["name"]: group["rules"] for group in rules["groups"]}
-    assert set(groups) == {"realtime-availability", "realtime-delivery"}
-    alerts = {rule["alert"]: rule for group in groups.values() for rule in group}
+    groups = {group["name"] for group in load_yaml(ALERTS)["groups"]}
+    assert groups == {"realtime-availability", "realtime-delivery"}
+    alerts = {rule["alert"]: rule for rule in alert_rules()}
     assert {
         "RealtimeServiceDown",
         "RealtimeServiceNotReady",
@@ -314,30 +311,20 @@ def test_alert_rules_parse_with_the_expected_groups() -> None:
         assert rule["annotations"]["summary"], name
         selected = metric_names(rule["expr"])
         assert selected, name
-        assert selected <= DOCUMENTED_METRICS, (
-            f"{name}: undocumented {sorted(selected - DOCUMENTED_METRICS)}"
-        )
+        undocumented = selected - DOCUMENTED_METRICS
+        assert not undocumented, f"{name}: undocumented metrics {sorted(undocumented)}"
 
 
 def test_alerts_and_dashboard_use_jobs_prometheus_scrapes() -> None:
-    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
-    assert "/etc/prometheus/alerts.yml" in prometheus["rule_files"]
+    prometheus = load_yaml(COMPOSE_DIR / "prometheus" / "prometheus.yml")
+    assert f"/etc/prometheus/{ALERTS.name}" in prometheus["rule_files"]
     jobs = {config["job_name"] for config in prometheus["scrape_configs"]}
-    expressions = [
-        rule["expr"]
-        for group in yaml.safe_load((COMPOSE_DIR / "prometheus" / "alerts.yml").read_text())[
-            "groups"
-        ]
-        for rule in group["rules"]
-    ]
-    for path in (COMPOSE_DIR / "grafana" / "dashboards").glob("*.json"):
-        for panel in dashboard_panels(json.loads(path.read_text())["panels"]):
-            expressions += [target["expr"] for target in panel.get("targets", [])]
-    referenced = {
-        job
-        for expr in expressions
-        for matcher in _JOB_MATCHER.findall(expr)
-        for job in matcher.split("|")
-    }
+    expressions = [rule["expr"] for rule in alert_rules()]
+    for path in DASHBOARDS.glob("*.json"):
+        expressions += [target["expr"] for _, target in dashboard_expressions(path)]
+    referenced = set()
+    for expr in expressions:
+        for alternatives in _JOB_MATCHER.findall(expr):
+            referenced |= set(alternatives.split("|"))
     assert referenced
     assert referenced <= jobs, f"no scrape job {sorted(referenced - jobs)}"

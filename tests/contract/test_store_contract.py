@@ -1,0 +1,170 @@
+"""One set of behaviours, checked against the in-memory transport and against real Redis.
+
+The relay step (the worker's), the activity feed (both edges') and presence (the ingress's)
+must behave the same on both, so that tests on the memory transport mean something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as redis
+
+from envelope import codec
+from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
+from envelope.memory import MemoryStore
+from envelope.models import BoardEventEnvelope
+from envelope.topology import RedisKeys
+from ingress_ws.adapters.redis import RedisPresence
+from ingress_ws.publisher import PresenceStore
+from relay_worker.adapters.redis import RedisRelayStore
+from relay_worker.relay import RelayStore
+from support.brokers import Brokers
+
+RETENTION = 50
+
+
+@dataclass
+class Stores:
+    relay: RelayStore
+    feed: ActivityStore
+    presence: PresenceStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
+    if request.param == "memory":
+        store = MemoryStore(retention=RETENTION)
+        yield Stores(store, store, store)
+        return
+    brokers: Brokers = request.getfixturevalue("brokers")
+    keys = RedisKeys(prefix=f"t:{uuid.uuid4().hex[:12]}:", activity_channel=f"t:{uuid.uuid4().hex}")
+    client = redis.from_url(brokers.redis_url)
+    try:
+        yield Stores(
+            RedisRelayStore(client, keys, RETENTION),
+            RedisActivityStore(client, keys),
+            RedisPresence(client, keys),
+        )
+    finally:
+        stale = [key async for key in client.scan_iter(match=f"{keys.prefix}*")]
+        if stale:
+            await client.delete(*stale)
+        await client.aclose()
+
+
+def body(board_id: str, correlation_id: str) -> bytes:
+    envelope = BoardEventEnvelope(
+        event_id=uuid.uuid4(),
+        correlation_id=correlation_id,
+        board_id=board_id,
+        type="note.created",
+        payload={"text": correlation_id},
+        sender="s",
+        occurred_at=datetime.now(UTC),
+    )
+    return codec.activity_body(envelope, datetime.now(UTC))
+
+
+def decoded(event: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = orjson.loads(event)
+    return result
+
+
+async def test_relay_assigns_a_gapless_sequence_per_board(stores: Stores) -> None:
+    outcomes = [await stores.relay.relay("a", f"c{n}", body("a", f"c{n}"), 60) for n in range(3)]
+    other = await stores.relay.relay("b", "c0", body("b", "c0"), 60)
+    assert [o.sequence for o in outcomes] == [1, 2, 3] and all(o.delivered for o in outcomes)
+    assert other.sequence == 1 and other.delivered
+
+
+async def test_relay_is_idempotent_per_board_and_correlation_id(stores: Stores) -> None:
+    first = await stores.relay.relay("a", "same", body("a", "same"), 60)
+    again = await stores.relay.relay("a", "same", body("a", "same"), 60)
+    assert first.delivered and not again.delivered and again.sequence == first.sequence
+    events = await stores.feed.board_after("a", 0)
+    assert [decoded(e.event)["correlation_id"] for e in events] == ["same"]
+
+
+async def test_history_reads_after_a_cursor(stores: Stores) -> None:
+    for n in range(5):
+        await stores.relay.relay("a" if n % 2 == 0 else "b", f"c{n}", body("x", f"c{n}"), 60)
+    board_a = await stores.feed.board_after("a", 1)
+    assert [e.sequence for e in board_a] == [2, 3]
+    assert all(decoded(e.event)["sequence"] == e.sequence for e in board_a)
+    everything = await stores.feed.activity_after("0-0")
+    assert [(e.board_id, e.sequence) for e in everything] == [
+        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)
+    ]
+    later = await stores.feed.activity_after(everything[1].stream_id)
+    assert later == everything[2:]
+    assert board_a[0].stream_id == everything[2].stream_id  # both cursors name the same event
+    assert await stores.feed.board_head("a") == (1, 3)
+    assert await stores.feed.board_head("nothing") == (0, 0)
+    oldest, newest = await stores.feed.activity_head()
+    assert (oldest, newest) == (everything[0].stream_id, everything[-1].stream_id)
+
+
+async def test_retention_trims_old_events(stores: Stores) -> None:
+    for n in range(RETENTION * 4):
+        await stores.relay.relay("a", f"c{n}", body("a", f"c{n}"), 60)
+    oldest, newest = await stores.feed.board_head("a")
+    retained = await stores.feed.board_after("a", 0)
+    # Redis trims approximately (MAXLEN ~, whole macro-nodes): at least RETENTION stay.
+    assert newest == RETENTION * 4
+    assert RETENTION <= len(retained) < RETENTION * 4
+    assert [e.sequence for e in retained] == list(range(oldest, newest + 1))
+    replay_from_start = await ActivityHub(
+        stores.feed, render_board=bytes, render_activity=bytes
+    ).replay_board("a", 0)
+    assert replay_from_start.expired and replay_from_start.oldest_cursor == str(oldest)
+
+
+async def test_the_feed_yields_frames_published_after_subscribing(stores: Stores) -> None:
+    async with stores.feed.feed() as frames:
+        outcome = await stores.relay.relay("a", "live", body("a", "live"), 60)
+        frame = await asyncio.wait_for(anext(aiter(frames)), 5)
+    relayed = codec.RelayedEvent.from_frame(frame)
+    assert (relayed.board_id, relayed.sequence, relayed.stream_id) == ("a", 1, outcome.stream_id)
+    assert decoded(relayed.event)["correlation_id"] == "live"
+    assert outcome.receivers >= 1
+
+
+async def test_presence_sums_instances_and_forgets_expired_ones(stores: Stores) -> None:
+    await stores.presence.set_presence("a", "one", 2, ttl=30)
+    await stores.presence.set_presence("a", "two", 3, ttl=30)
+    await stores.presence.set_presence("a", "gone", 7, ttl=0.05)
+    await asyncio.sleep(0.1)
+    assert await stores.presence.presence_total("a") == 5
+    await stores.presence.set_presence("a", "two", 0, ttl=30)
+    assert await stores.presence.presence_total("a") == 2
+
+
+async def test_the_hub_delivers_each_event_once_in_order(stores: Stores) -> None:
+    hub: ActivityHub[bytes] = ActivityHub(
+        stores.feed, render_board=lambda e: e.event, render_activity=lambda e: e.event
+    )
+    task = asyncio.create_task(hub.run())
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 5)
+        with hub.subscribe_board("a", 100) as on_a, hub.subscribe_activity(None, 100) as on_all:
+            for n in range(10):
+                await stores.relay.relay("a" if n < 6 else "b", f"c{n}", body("a", f"c{n}"), 60)
+            board_seen = [(await asyncio.wait_for(on_a.next(), 5))[0].sequence for _ in range(6)]
+            all_seen = [(await asyncio.wait_for(on_all.next(), 5))[0] for _ in range(10)]
+        assert board_seen == [1, 2, 3, 4, 5, 6]
+        assert [(e.board_id, e.sequence) for e in all_seen] == [("a", n) for n in range(1, 7)] + [
+            ("b", n) for n in range(1, 5)
+        ]
+        replay = await hub.replay_board("a", 4)
+        assert [e.sequence for e in replay.events] == [5, 6] and not replay.expired
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
