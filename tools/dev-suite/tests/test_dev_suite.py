@@ -1,0 +1,75 @@
+"""The whole suite in one process on the memory transport, served by a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import uvicorn
+
+from dev_suite.__main__ import create_suite
+from support.clients import board, sse
+
+TOKEN = "change-me-realtime"  # the development default the dev suite runs with
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def base_url() -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_suite(), port=port, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+async def test_one_event_travels_through_all_three_services(base_url: str) -> None:
+    async with (
+        sse(f"http://{base_url}/sse/boards/demo?token={TOKEN}") as on_board,
+        sse(f"http://{base_url}/sse/activity?token={TOKEN}") as on_all,
+        board(f"ws://{base_url}/ws/boards/demo?token={TOKEN}") as client,
+    ):
+        correlation_id = await client.send(payload={"text": "hello"})
+        ack = await client.next("ack")
+        echo = await client.next("event")
+        board_event = await on_board.next()
+        any_event = await on_all.next()
+    assert ack["correlation_id"] == echo["correlation_id"] == correlation_id
+    assert echo["sequence"] == 1 and echo["active_connections"] == 1
+    assert board_event.id == "1" and board_event.json()["event_id"] == ack["event_id"]
+    assert any_event.json()["event_id"] == ack["event_id"]
+
+
+async def test_sse_resumes_after_its_last_event_id_without_gap_or_duplicate(base_url: str) -> None:
+    async with board(f"ws://{base_url}/ws/boards/resume?token={TOKEN}") as client:
+        for _ in range(5):
+            await client.send()
+            await client.next("ack")
+        for _ in range(5):
+            await client.next("event")
+        headers = {"Last-Event-ID": "2"}
+        async with sse(f"http://{base_url}/sse/boards/resume?token={TOKEN}", headers) as stream:
+            replayed = [int((await stream.next()).id or 0) for _ in range(3)]
+            await client.send()
+            live = await stream.next()
+    assert replayed == [3, 4, 5]
+    assert live.id == "6"
+
+
+async def test_the_page_and_probes_are_served(base_url: str) -> None:
+    async with httpx.AsyncClient(base_url=f"http://{base_url}") as http:
+        page = await http.get("/")
+        ready = await http.get("/readyz")
+    assert page.status_code == 200 and 'role="log"' in page.text
+    assert ready.json()["status"] == "ready"
