@@ -42,6 +42,16 @@ e2e: setup
 chaos: setup
     {{uv}} run pytest tests/chaos -m chaos
 
+# The playground page in headless Chromium (Debian's: apt-get install -y chromium chromium-driver).
+[group('test')]
+browser: setup
+    {{uv}} run pytest tests/browser -m browser
+
+# Edge hardening: auth, origins, limits, headers, fuzzing and raw-socket abuse (docs/security.md).
+[group('test')]
+security: setup
+    {{uv}} run pytest tests/security libs/envelope/tests/test_auth.py
+
 # ruff (format and lint) and mypy --strict on the sources.
 [group('check')]
 lint: setup

@@ -7,7 +7,6 @@ import re
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from support.brokers import Brokers, Names, provide_brokers
 from support.processes import Suite
 
@@ -32,10 +31,9 @@ async def names(brokers: Brokers) -> AsyncIterator[Names]:
     await fresh.cleanup(brokers)
 
 
-@pytest.fixture
-def suite(request: pytest.FixtureRequest, brokers: Brokers, names: Names) -> Iterator[Suite]:
-    """Services started by the test share these brokers, unique names and the test token."""
-    env = {
+def suite_env(brokers: Brokers) -> dict[str, str]:
+    """What every service started by a test gets, besides its unique names."""
+    return {
         "ADVANCED_ENVIRONMENT": "test",
         "ADVANCED_REALTIME_TOKEN": TOKEN,
         "ADVANCED_RABBITMQ_URL": brokers.rabbitmq_url,
@@ -43,8 +41,13 @@ def suite(request: pytest.FixtureRequest, brokers: Brokers, names: Names) -> Ite
         "ADVANCED_EVENT_TRANSPORT": "rabbitmq",
         "ADVANCED_RABBITMQ_RETRY_DELAY_MS": "300",
         "ADVANCED_PARTITION_LEASE_MS": "3000",
-        **names.env(),
     }
+
+
+@pytest.fixture
+def suite(request: pytest.FixtureRequest, brokers: Brokers, names: Names) -> Iterator[Suite]:
+    """Services started by the test share these brokers, unique names and the test token."""
+    env = {**suite_env(brokers), **names.env()}
     running = Suite(re.sub(r"\W+", "-", request.node.name)[:60], env)
     yield running
     running.stop_all()

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as redis
-
 from envelope import codec
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryStore
@@ -101,7 +100,11 @@ async def test_history_reads_after_a_cursor(stores: Stores) -> None:
     assert all(decoded(e.event)["sequence"] == e.sequence for e in board_a)
     everything = await stores.feed.activity_after("0-0")
     assert [(e.board_id, e.sequence) for e in everything] == [
-        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
     ]
     later = await stores.feed.activity_after(everything[1].stream_id)
     assert later == everything[2:]

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import websockets
-
 from conftest import TOKEN
 from support.brokers import Brokers
 from support.clients import board, sse

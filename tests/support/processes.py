@@ -52,12 +52,12 @@ class Service:
         self.log_path = LOG_DIR / f"{name}.log"
         env = {**os.environ, **self.env, port_variable: str(self.port)}
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own module
+            self.process = subprocess.Popen(
                 [sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT
             )
         return self
 
-    def wait_ready(self, timeout: float = 30.0, probe: str = "/readyz") -> None:
+    def wait_ready(self, timeout: float = 60.0, probe: str = "/readyz") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
@@ -73,7 +73,7 @@ class Service:
             time.sleep(0.1)
         raise TimeoutError(f"{self.kind} not answering {probe} after {timeout}s: {self.tail()}")
 
-    def wait_live(self, timeout: float = 30.0) -> None:
+    def wait_live(self, timeout: float = 60.0) -> None:
         self.wait_ready(timeout, probe="/healthz")
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -108,8 +108,13 @@ class Suite:
         self.env = dict(env)
         self.services: list[Service] = []
 
-    def start(self, kind: str, *, wait: bool = True, **overrides: str) -> Service:
+    def start(
+        self, kind: str, *, wait: bool = True, port: int | None = None, **overrides: str
+    ) -> Service:
+        """`port` pins the port, so that a restarted service is found at the same URL."""
         service = Service(kind, {**self.env, **overrides})
+        if port is not None:
+            service.port = port
         service.start(f"{self.name}-{kind}-{len(self.services)}")
         self.services.append(service)
         if wait:

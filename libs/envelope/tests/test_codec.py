@@ -5,10 +5,15 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-
 from envelope import codec
 from envelope.codec import InvalidFrame, MalformedEnvelope, RelayedEvent, UnsupportedSchemaVersion
-from envelope.models import ActivityEvent, BoardEventEnvelope, BoardMessage, EventFrame, ResumeRequest
+from envelope.models import (
+    ActivityEvent,
+    BoardEventEnvelope,
+    BoardMessage,
+    EventFrame,
+    ResumeRequest,
+)
 
 
 def envelope(**changes: object) -> BoardEventEnvelope:
@@ -26,12 +31,16 @@ def envelope(**changes: object) -> BoardEventEnvelope:
 
 
 def test_a_board_message_is_parsed() -> None:
-    frame = codec.decode_client_frame(b'{"type":"card.moved","payload":{"to":"done"},"id":"a:1"}', 100)
+    frame = codec.decode_client_frame(
+        b'{"type":"card.moved","payload":{"to":"done"},"id":"a:1"}', 100
+    )
     assert frame == BoardMessage(type="card.moved", payload={"to": "done"}, id="a:1")
 
 
 def test_a_resume_request_is_parsed() -> None:
-    assert codec.decode_client_frame('{"kind":"resume","after":7}', 100) == ResumeRequest(kind="resume", after=7)
+    assert codec.decode_client_frame('{"kind":"resume","after":7}', 100) == ResumeRequest(
+        kind="resume", after=7
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,7 +72,9 @@ def test_a_payload_over_the_limit_is_refused_with_its_own_code() -> None:
 
 
 def test_numbers_beyond_64_bits_are_read_as_doubles_as_javascript_does() -> None:
-    frame = codec.decode_client_frame('{"type":"x","payload":{"n":123456789012345678901234567890}}', 100)
+    frame = codec.decode_client_frame(
+        '{"type":"x","payload":{"n":123456789012345678901234567890}}', 100
+    )
     assert isinstance(frame, BoardMessage) and frame.payload["n"] == 1.2345678901234568e29
 
 

@@ -15,4 +15,6 @@ def test_the_committed_json_schema_matches_the_models() -> None:
 
 
 def test_no_stray_schema_files() -> None:
-    assert {p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.json")} == set(schemas())
+    assert {p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.json")} == set(
+        schemas()
+    )

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from envelope.settings import SuiteSettings
+from pydantic import ValidationError
 
 
 def test_defaults_follow_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +46,8 @@ def test_the_idempotency_ttl_must_outlive_the_retry_ladder() -> None:
 
 
 def test_secrets_do_not_show_in_the_settings_repr() -> None:
-    settings = SuiteSettings(_env_file=None, realtime_token="s3cr3t-value", environment="production")
+    settings = SuiteSettings(
+        _env_file=None, realtime_token="s3cr3t-value", environment="production"
+    )
     assert "s3cr3t-value" not in repr(settings)
     assert "guest:guest" not in repr(settings)

@@ -10,13 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-from starlette.testclient import TestClient, WebSocketTestSession
-from starlette.websockets import WebSocketDisconnect
-
 from envelope.codec import decode_envelope
 from envelope.memory import MemoryTransport
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
+from starlette.testclient import TestClient, WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
 
 TOKEN = "unit-test-token"
 
@@ -65,24 +64,35 @@ def open_sockets(client: TestClient) -> float:
 
 
 def close_code(client: TestClient, url: str, **kwargs: object) -> int:
-    with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(url, **kwargs) as ws:  # type: ignore[arg-type]
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect(url, **kwargs) as ws,
+    ):  # type: ignore[arg-type]
         ws.receive_text()
     return closed.value.code
 
 
-def test_an_accepted_frame_is_published_durably_then_acked(client: TestClient, transport: MemoryTransport) -> None:
+def test_an_accepted_frame_is_published_durably_then_acked(
+    client: TestClient, transport: MemoryTransport
+) -> None:
     with board_socket(client, f"/ws/boards/demo?token={TOKEN}") as ws:
         ws.send_text('{"type":"note.created","payload":{"text":"hi"},"id":"c-1"}')
         ack = orjson.loads(ws.receive_text())
     assert ack["kind"] == "ack" and ack["correlation_id"] == "c-1"
     published = transport.broker.queue.get_nowait()
     envelope = decode_envelope(published.body)
-    assert (envelope.board_id, envelope.type, envelope.correlation_id) == ("demo", "note.created", "c-1")
+    assert (envelope.board_id, envelope.type, envelope.correlation_id) == (
+        "demo",
+        "note.created",
+        "c-1",
+    )
     assert str(envelope.event_id) == ack["event_id"]
 
 
 def test_the_server_makes_a_correlation_id_when_the_client_has_none(client: TestClient) -> None:
-    with client.websocket_connect("/ws/boards/demo", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+    with board_socket(
+        client, "/ws/boards/demo", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as ws:
         ws.send_text('{"type":"note.created","payload":{}}')
         ack = orjson.loads(ws.receive_text())
     assert ack["kind"] == "ack" and len(ack["correlation_id"]) >= 16
@@ -116,7 +126,9 @@ def test_binary_frames_are_refused(client: TestClient) -> None:
     assert error["code"] == "invalid_message" and "text" in error["message"]
 
 
-def test_an_unavailable_broker_is_an_error_never_an_ack(client: TestClient, transport: MemoryTransport) -> None:
+def test_an_unavailable_broker_is_an_error_never_an_ack(
+    client: TestClient, transport: MemoryTransport
+) -> None:
     transport.broker.available = False
     with board_socket(client, f"/ws/boards/demo?token={TOKEN}") as ws:
         ws.send_text('{"type":"x","payload":{},"id":"lost-1"}')
@@ -130,7 +142,10 @@ def test_an_unavailable_broker_is_an_error_never_an_ack(client: TestClient, tran
 
 
 def test_rate_limit_errors_then_close_1008(client: TestClient) -> None:
-    with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(f"/ws/boards/demo?token={TOKEN}") as ws:
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect(f"/ws/boards/demo?token={TOKEN}") as ws,
+    ):
         kinds = []
         for _ in range(20):
             ws.send_text('{"type":"x","payload":{}}')
@@ -148,16 +163,26 @@ def test_rate_limit_errors_then_close_1008(client: TestClient) -> None:
         (f"/ws/boards/bad%20id?token={TOKEN}", 4400),
     ],
 )
-def test_refused_sockets_get_the_contract_close_codes(client: TestClient, url: str, code: int) -> None:
+def test_refused_sockets_get_the_contract_close_codes(
+    client: TestClient, url: str, code: int
+) -> None:
     assert close_code(client, url) == code
 
 
 def test_a_foreign_origin_is_refused(client: TestClient) -> None:
-    assert close_code(client, f"/ws/boards/demo?token={TOKEN}", headers={"Origin": "https://evil.example"}) == 4403
+    assert (
+        close_code(
+            client, f"/ws/boards/demo?token={TOKEN}", headers={"Origin": "https://evil.example"}
+        )
+        == 4403
+    )
 
 
 def test_the_connection_limit_closes_with_1013(client: TestClient) -> None:
-    with board_socket(client, f"/ws/boards/a?token={TOKEN}"), board_socket(client, f"/ws/boards/b?token={TOKEN}"):
+    with (
+        board_socket(client, f"/ws/boards/a?token={TOKEN}"),
+        board_socket(client, f"/ws/boards/b?token={TOKEN}"),
+    ):
         assert close_code(client, f"/ws/boards/c?token={TOKEN}") == 1013
 
 
@@ -166,7 +191,7 @@ def test_probes_and_page_need_no_credential(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["event_pipeline_ready"] is True
     page = client.get("/")
-    assert page.status_code == 200 and "role=\"log\"" in page.text
+    assert page.status_code == 200 and 'role="log"' in page.text
     assert "content-security-policy" in page.headers
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "advanced_board_events_published_total" in metrics.text

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import uvicorn
-
 from envelope import codec
 from envelope.memory import MemoryStore, MemoryTransport
 from envelope.models import BoardEventEnvelope
@@ -45,7 +44,9 @@ async def url(transport: MemoryTransport) -> AsyncIterator[str]:
         activity_stream_rate_limit="1000/minute",
     )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, memory=transport), port=port, log_config=None))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, memory=transport), port=port, log_config=None)
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -79,7 +80,9 @@ async def test_streams_carry_the_contract_headers_and_heartbeats(url: str) -> No
     assert stream.comments >= 2  # heartbeats while idle
 
 
-async def test_live_events_carry_the_board_sequence_as_id(url: str, transport: MemoryTransport) -> None:
+async def test_live_events_carry_the_board_sequence_as_id(
+    url: str, transport: MemoryTransport
+) -> None:
     async with sse(f"{url}/sse/boards/demo?token={TOKEN}") as stream:
         await relay(transport, "other", 1)
         await relay(transport, "demo", 2)
@@ -88,7 +91,9 @@ async def test_live_events_carry_the_board_sequence_as_id(url: str, transport: M
     assert first.json()["board_id"] == "demo"
 
 
-async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(url: str, transport: MemoryTransport) -> None:
+async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(
+    url: str, transport: MemoryTransport
+) -> None:
     await relay(transport, "demo", 12)  # retention is 5: events 8..12 remain
     async with sse(f"{url}/sse/boards/demo?token={TOKEN}&last_event_id=2") as stream:
         reset = await stream.next(kind="reset")
@@ -97,10 +102,14 @@ async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(url: str, tr
     assert replayed == [8, 9, 10, 11, 12]
 
 
-async def test_the_activity_stream_resumes_by_stream_id(url: str, transport: MemoryTransport) -> None:
+async def test_the_activity_stream_resumes_by_stream_id(
+    url: str, transport: MemoryTransport
+) -> None:
     await relay(transport, "a", 2)
     history = await transport.store.activity_after("0-0")
-    async with sse(f"{url}/sse/activity?token={TOKEN}", {"Last-Event-ID": history[0].stream_id}) as stream:
+    async with sse(
+        f"{url}/sse/activity?token={TOKEN}", {"Last-Event-ID": history[0].stream_id}
+    ) as stream:
         replayed = await stream.next()
         await relay(transport, "b", 1)
         live = await stream.next()
@@ -119,7 +128,9 @@ async def test_refusals_are_json_with_the_contract_statuses(url: str) -> None:
     assert "content-security-policy" in missing.headers
 
 
-async def test_a_client_that_falls_behind_is_cut_with_a_reason(url: str, transport: MemoryTransport) -> None:
+async def test_a_client_that_falls_behind_is_cut_with_a_reason(
+    url: str, transport: MemoryTransport
+) -> None:
     async with sse(f"{url}/sse/boards/slow?token={TOKEN}") as stream:
         # 200 events land in one burst, faster than the stream's queue of 8 drains.
         await relay(transport, "slow", 200)

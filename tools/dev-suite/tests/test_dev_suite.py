@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import uvicorn
-
 from dev_suite.__main__ import create_suite
 from support.clients import board, sse
 
@@ -25,7 +24,9 @@ def free_port() -> int:
 @pytest.fixture
 async def base_url() -> AsyncIterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_suite(), port=port, log_config=None, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_suite(), port=port, log_config=None, lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)

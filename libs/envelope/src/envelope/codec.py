@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,7 +11,15 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from envelope.models import SCHEMA_VERSION, BoardEventEnvelope, BoardMessage, ResumeRequest
+from envelope.models import (
+    CLIENT_ID_PATTERN,
+    SCHEMA_VERSION,
+    BoardEventEnvelope,
+    BoardMessage,
+    ResumeRequest,
+)
+
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
 class MalformedEnvelope(ValueError):
@@ -39,6 +48,19 @@ def is_supported_version(version: str) -> bool:
     return version.split(".", 1)[0] == SCHEMA_VERSION
 
 
+def client_id_of(raw: str | bytes | None) -> str | None:
+    """The frame's `id` when it is a valid client id, else None: for errors about a frame that
+    is refused before it is validated (rate limits), never echoing arbitrary text back."""
+    if raw is None:
+        return None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    found = data.get("id") if isinstance(data, dict) else None
+    return found if isinstance(found, str) and _CLIENT_ID.fullmatch(found) else None
+
+
 def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessage | ResumeRequest:
     """Parse one client text frame, raising `InvalidFrame` with the contract's code."""
     try:
@@ -58,7 +80,14 @@ def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessag
         raise InvalidFrame(
             "invalid_message", f"Field '{where}': {first['msg']}.", client_id
         ) from None
-    if len(orjson.dumps(message.payload)) > max_payload_bytes:
+    try:
+        serialised = orjson.dumps(message.payload)
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels of nesting but writes only 254: refuse what we cannot store.
+        raise InvalidFrame(
+            "invalid_message", "The payload is nested too deeply (254 levels at most).", client_id
+        ) from None
+    if len(serialised) > max_payload_bytes:
         raise InvalidFrame(
             "payload_too_large",
             f"The payload is larger than {max_payload_bytes} bytes once serialised.",

@@ -16,7 +16,9 @@ from typing import Generic, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from envelope.codec import RelayedEvent
 from envelope.topology import RedisKeys
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 PAGE = 1000
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
+# After this long without a frame, the feed pings the subscription connection and expects
+# the reply within as long again: a connection dropped without a reset cannot go unnoticed.
+LIVENESS_SECONDS = 5.0
+LIVENESS_PING = "advanced-feed-liveness"
 
 
 class ActivityStore(Protocol):
@@ -78,12 +84,28 @@ class RedisActivityStore:
 
     @staticmethod
     async def _frames(pubsub: PubSub) -> AsyncIterator[bytes]:
-        # get_message with a timeout lets redis-py's health check ping the connection, so a
-        # silently dropped one is noticed instead of blocking forever.
+        # redis-py reconnects a pub/sub connection by itself and subscribes again, silently:
+        # frames published in between would be lost. A second subscribe confirmation is how
+        # that shows, and it is raised as a lost connection so the hub catches up.
+        loop = asyncio.get_running_loop()
+        heard_at = loop.time()
+        pinged_at: float | None = None
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
+            message = await pubsub.get_message(timeout=1.0)
+            now = loop.time()
+            if message is None:
+                if pinged_at is not None and now - pinged_at > LIVENESS_SECONDS:
+                    raise RedisTimeoutError("the activity subscription stopped answering pings")
+                if pinged_at is None and now - heard_at > LIVENESS_SECONDS:
+                    await pubsub.ping(LIVENESS_PING)
+                    pinged_at = now
+                continue
+            heard_at, pinged_at = now, None
+            kind = message["type"]
+            if kind == "message":
                 yield message["data"]
+            elif kind == "subscribe":
+                raise RedisConnectionError("the activity subscription was re-established")
 
     async def _range(self, key: str, after: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
         start = f"({after}"
@@ -126,8 +148,23 @@ class RedisActivityStore:
         return await self._ends(self._keys.activity_stream) or ("0-0", "0-0")
 
 
-class SlowConsumer(Exception):
+class StreamInterrupted(Exception):
+    """A subscription cannot simply carry on; the subclass says why."""
+
+
+class SlowConsumer(StreamInterrupted):
     """The client did not keep up: its bounded queue overflowed. It may resume."""
+
+
+class HistoryLost(StreamInterrupted):
+    """Redis lost its data (restarted without persistence): sequences start again.
+
+    Raised in order, after the events queued before the loss; the client is told to reset.
+    """
+
+
+# Queued in band, so that the reset reaches the client after the events that preceded it.
+_HISTORY_LOST = RelayedEvent("0-0", "", 0, b"")
 
 
 @dataclass(eq=False)
@@ -138,7 +175,8 @@ class Subscription(Generic[T]):
     maxsize: int
     queue: asyncio.Queue[tuple[RelayedEvent, T]] = field(init=False)
     overflowed: bool = False
-    reset: asyncio.Event = field(default_factory=asyncio.Event)
+    overflow: asyncio.Event = field(default_factory=asyncio.Event)
+    history_lost_pending: bool = False
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(self.maxsize)
@@ -150,21 +188,50 @@ class Subscription(Generic[T]):
             self.queue.put_nowait((event, rendered))
         except asyncio.QueueFull:
             self.overflowed = True
-            # Wake the reader so it notices at once instead of after the next event.
-            self.queue.get_nowait()
+            # Free memory and wake the reader, so it notices at once instead of after the
+            # next event; `overflow` lets a writer stuck in a send notice too.
+            while not self.queue.empty():
+                self.queue.get_nowait()
             self.queue.put_nowait((event, rendered))
+            self.overflow.set()
+
+    def history_lost(self) -> None:
+        self.offer(_HISTORY_LOST, cast(T, None))
 
     async def next(self) -> tuple[RelayedEvent, T]:
         item = await self.queue.get()
         if self.overflowed:
             raise SlowConsumer
+        if item[0] is _HISTORY_LOST:
+            raise HistoryLost
         return item
+
+    async def next_batch(self, limit: int) -> list[tuple[RelayedEvent, T]]:
+        """The next item and whatever else is already queued (at most `limit`), in order.
+
+        A writer that wakes once for several events writes them in one go, instead of
+        paying a wake-up and a socket write per event. A history loss queued behind them
+        is raised by the following call.
+        """
+        if self.history_lost_pending:
+            self.history_lost_pending = False
+            raise HistoryLost
+        batch = [await self.next()]
+        while len(batch) < limit and not self.queue.empty():
+            try:
+                batch.append(await self.next())  # returns at once: the queue is not empty
+            except HistoryLost:
+                self.history_lost_pending = True
+                break
+        return batch
 
 
 @dataclass(frozen=True, slots=True)
 class Replay:
     events: list[RelayedEvent]
-    expired: bool  # the cursor is older than what is retained: events were missed
+    # Events after the cursor are no longer retained (or the history it came from is gone):
+    # the client gets a reset, and `events` is everything retained from there on.
+    expired: bool
     oldest_cursor: str | None
 
 
@@ -193,6 +260,7 @@ class ActivityHub(Generic[T]):
         self._activity: set[Subscription[T]] = set()
         self._last_sequence: dict[str, int] = {}
         self._last_stream_id: str | None = None
+        self._history_restarted = False
         self.connected = asyncio.Event()
         self.on_event: Callable[[RelayedEvent, int], None] = lambda event, receivers: None
 
@@ -227,20 +295,28 @@ class ActivityHub(Generic[T]):
             self._activity.discard(subscription)
 
     async def replay_board(self, board_id: str, after: int) -> Replay:
-        oldest, _newest = await self._store.board_head(board_id)
+        """The retained events after sequence `after`; `expired` if some were missed.
+
+        A cursor past the newest event comes from a history Redis has since lost: the
+        client is told to reset and gets all that is retained now.
+        """
+        oldest, newest = await self._store.board_head(board_id)
+        oldest_cursor = str(oldest) if oldest else None
+        if after > newest:
+            return Replay(await self._store.board_after(board_id, 0), True, oldest_cursor)
         events = await self._store.board_after(board_id, after)
-        expired = oldest > after + 1
-        return Replay(events, expired, str(oldest) if oldest else None)
+        return Replay(events, oldest > after + 1, oldest_cursor)
 
     async def replay_activity(self, after: str) -> Replay:
-        oldest, _newest = await self._store.activity_head()
+        """As `replay_board`, by activity stream id across boards."""
+        oldest, newest = await self._store.activity_head()
+        cursor = stream_id_key(after)
+        if cursor > stream_id_key(newest):
+            events = await self._store.activity_after("0-0")
+            return Replay(events, True, oldest if oldest != "0-0" else None)
         events = await self._store.activity_after(after)
-        first = events[0].stream_id if events else None
-        expired = (
-            first is not None
-            and stream_id_key(oldest) > stream_id_key(after)
-            and (stream_id_key(after) != (0, 0))
-        )
+        # The cursor's own entry trimmed away: entries after it may have gone with it.
+        expired = cursor != (0, 0) and stream_id_key(oldest) > cursor
         return Replay(events, expired, oldest if oldest != "0-0" else None)
 
     async def run(self) -> None:
@@ -251,50 +327,72 @@ class ActivityHub(Generic[T]):
                     await self._catch_up()
                     self.connected.set()
                     async for frame in frames:
-                        self._dispatch_frame(frame)
+                        try:
+                            event = RelayedEvent.from_frame(frame)
+                        except ValueError:
+                            log.error("ignoring a malformed relay frame of %d bytes", len(frame))
+                            continue
+                        await self._accept(event)
             except (RedisError, OSError) as exc:
                 if self.connected.is_set():
                     log.warning("activity subscription lost, resubscribing: %s", exc)
                 self.connected.clear()
                 await asyncio.sleep(self._retry_seconds)
+            except Exception:  # a bug must not silence every stream of the process for good
+                log.exception("activity hub failed; resubscribing")
+                self.connected.clear()
+                await asyncio.sleep(self._retry_seconds)
 
     async def _catch_up(self) -> None:
+        _oldest, newest = await self._store.activity_head()
         if self._last_stream_id is None:
-            _oldest, newest = await self._store.activity_head()
             self._last_stream_id = newest
             return
-        _oldest, newest = await self._store.activity_head()
         if stream_id_key(newest) < stream_id_key(self._last_stream_id):
-            # Redis lost its data (restarted without persistence): start again from zero.
-            log.warning("activity stream went back in time; Redis lost its data")
-            self._last_sequence.clear()
-            self._last_stream_id = "0-0"
+            # The stream went back in time: Redis restarted without its data.
+            self._history_lost()
         for event in await self._store.activity_after(self._last_stream_id):
-            self._dispatch(event)
+            await self._accept(event)
 
-    def _dispatch_frame(self, frame: bytes) -> None:
-        try:
-            event = RelayedEvent.from_frame(frame)
-        except ValueError:
-            log.error("ignoring a malformed relay frame of %d bytes", len(frame))
-            return
-        last = self._last_sequence.get(event.board_id)
+    async def _accept(self, event: RelayedEvent) -> None:
+        """Dispatch `event` after any of its board's events that this process missed."""
+        # After a loss of history every board starts again from sequence 1.
+        last = self._last_sequence.get(event.board_id, 0 if self._history_restarted else None)
+        if last is not None and event.sequence <= last:
+            if self._last_stream_id is None or stream_id_key(event.stream_id) <= stream_id_key(
+                self._last_stream_id
+            ):
+                return  # a duplicate: the catch-up and the live frames overlap
+            # A sequence seen before on an entry never seen before: the board's history
+            # started again, so Redis lost its data while we were connected elsewhere.
+            self._history_lost()
+            last = 0
         if last is not None and event.sequence > last + 1:
-            asyncio.get_running_loop().create_task(self._fill_gap(event))
-            return
+            # Frames arrive in order on one connection, so a gap means we reconnected or the
+            # catch-up met a trimmed activity stream: the board's own stream has the rest.
+            for missed in await self._store.board_after(event.board_id, last):
+                if missed.sequence >= event.sequence:
+                    break
+                self._dispatch(missed)
+            if self._last_sequence.get(event.board_id, 0) < event.sequence - 1:
+                log.warning(
+                    "events no longer retained were skipped",
+                    extra={"board_id": event.board_id, "up_to": event.sequence - 1},
+                )
         self._dispatch(event)
 
-    async def _fill_gap(self, event: RelayedEvent) -> None:
-        last = self._last_sequence.get(event.board_id, 0)
-        for missed in await self._store.board_after(event.board_id, last):
-            if missed.sequence > event.sequence:
-                break
-            self._dispatch(missed)
+    def _history_lost(self) -> None:
+        log.warning("Redis lost its data: sequences start again; telling every client to reset")
+        self._last_sequence.clear()
+        self._last_stream_id = "0-0"
+        self._history_restarted = True
+        for listeners in self._boards.values():
+            for subscription in listeners:
+                subscription.history_lost()
+        for subscription in self._activity:
+            subscription.history_lost()
 
     def _dispatch(self, event: RelayedEvent) -> None:
-        last = self._last_sequence.get(event.board_id, 0)
-        if event.sequence <= last:
-            return
         self._last_sequence[event.board_id] = event.sequence
         if self._last_stream_id is None or stream_id_key(event.stream_id) > stream_id_key(
             self._last_stream_id

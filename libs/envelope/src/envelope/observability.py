@@ -1,22 +1,42 @@
-"""Structured logs, OpenTelemetry tracing and the trace-context carrier shared by the services."""
+"""Structured logs, OpenTelemetry tracing and the trace-context carrier shared by the services.
+
+One trace follows one board event: the ingress starts it when a frame is accepted, the W3C
+context rides in the envelope (and the AMQP headers) to the worker, the worker re-injects its
+own context into the `ActivityEvent` it relays through Redis, and each edge process adds one
+"deliver board event" span when it fans the event out to its subscribers.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 from opentelemetry import context, propagate, trace
 
+from envelope.codec import RelayedEvent
 from envelope.settings import SuiteSettings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 _SECRET_IN_TEXT = re.compile(
-    r"((?:token|access_token|password)=)[^&\s\"']+|(Bearer\s+)[A-Za-z0-9._~+/=-]+|(//[^:/@\s]+:)[^@\s]+@",
-    re.IGNORECASE,
+    r"((?:token|access_token|password|advanced_session)=)[^&\s\"']+"
+    r"|(Bearer\s+)[A-Za-z0-9._~+/=-]+"
+    r"|(//[^:/@\s]+:)[^@\s]+@"
+    # Header lines as the websockets library logs them at debug level ("< cookie: ...").
+    r"|((?:^|<\s)(?:proxy-)?(?:authorization|cookie):\s*)[^\r\n]+",
+    re.IGNORECASE | re.MULTILINE,
 )
+
+tracer = trace.get_tracer("envelope")
 
 
 def redact(text: str) -> str:
@@ -44,14 +64,30 @@ def _add_trace_ids(
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
         event_dict["trace_id"] = format(span_context.trace_id, "032x")
+        event_dict["span_id"] = format(span_context.span_id, "016x")
     return event_dict
 
 
 def configure_logging(service: str, level: str = "info") -> None:
-    """JSON lines on stdout for structlog and stdlib (uvicorn, aio-pika) alike, secrets redacted."""
+    """JSON lines on stdout for structlog and stdlib (uvicorn, aio-pika) alike, secrets redacted.
+
+    Every line carries `service`, and inside a traced event `trace_id` and `span_id`, so a log
+    search and a trace lookup lead to each other.
+    """
+
+    def _add_service(
+        _: Any, __: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        # A processor rather than a bound contextvar: tasks and threads started before or
+        # outside the request context (the span exporter, uvicorn's) still get it.
+        event_dict.setdefault("service", service)
+        return event_dict
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_service,
         structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_trace_ids,
@@ -79,38 +115,105 @@ def configure_logging(service: str, level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    structlog.contextvars.bind_contextvars(service=service)
 
 
-def configure_tracing(settings: SuiteSettings, service: str) -> None:
-    """Export spans over OTLP when `ADVANCED_OTEL_EXPORTER_OTLP_ENDPOINT` is set."""
-    endpoint = settings.otel_exporter_otlp_endpoint
-    if not endpoint or not settings.telemetry_enabled:
-        return
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    headers = {}
+def otlp_headers(settings: SuiteSettings) -> dict[str, str]:
+    """`ADVANCED_OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key=value`) as a dict."""
+    headers: dict[str, str] = {}
     if settings.otel_exporter_otlp_headers is not None:
         for pair in settings.otel_exporter_otlp_headers.get_secret_value().split(","):
             key, _, value = pair.partition("=")
             if key.strip():
                 headers[key.strip()] = value.strip()
+    return headers
+
+
+def configure_tracing(settings: SuiteSettings, service: str) -> bool:
+    """Export spans over OTLP when `ADVANCED_OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+
+    Also instruments Redis commands and AMQP publish/consume. Returns whether tracing is on.
+    The batch processor reads the standard `OTEL_BSP_*` variables (delay, batch size).
+    """
+    endpoint = settings.otel_exporter_otlp_endpoint
+    if not endpoint or not settings.telemetry_enabled:
+        return False
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    exporter: SpanExporter
     if settings.otel_exporter_otlp_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        exporter = GrpcExporter(endpoint=endpoint, headers=otlp_headers(settings))
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-            OTLPSpanExporter,
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
         )
 
         if not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, headers=headers))
-    )
+        exporter = HttpExporter(endpoint=endpoint, headers=otlp_headers(settings))
+
+    resource = Resource.create({"service.name": service})
+    processors = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+    processors.add_span_processor(BatchSpanProcessor(exporter))
+    provider = TracerProvider(resource=resource, active_span_processor=processors)
     trace.set_tracer_provider(provider)
+
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    # Presence refreshes, partition leases and health checks issue Redis commands every
+    # second outside any event: as root spans they would bury the event traces. Redis
+    # commands are traced only inside a trace that is already sampled (an event, a request).
+    RedisInstrumentor().instrument(
+        tracer_provider=TracerProvider(
+            sampler=ParentBased(ALWAYS_OFF),
+            resource=resource,
+            shutdown_on_exit=False,
+            active_span_processor=processors,
+        )
+    )
+    if importlib.util.find_spec("aio_pika") is not None:  # the gateway does not use RabbitMQ
+        from opentelemetry.instrumentation.aio_pika import AioPikaInstrumentor
+
+        AioPikaInstrumentor().instrument(tracer_provider=provider)
+    return True
+
+
+def _redact_span_urls(span: trace.Span, scope: dict[str, Any]) -> None:
+    # The ASGI instrumentation records the full URL, query string included, and EventSource
+    # clients pass their credential as `?token=`.
+    attributes = getattr(span, "attributes", None) or {}
+    for key, value in list(attributes.items()):
+        if isinstance(value, str) and (cleaned := redact(value)) != value:
+            span.set_attribute(key, cleaned)
+
+
+def instrument_app(app: FastAPI, settings: SuiteSettings) -> None:
+    """A server span per HTTP request, once `configure_tracing` has set up an exporter.
+
+    Probes and metrics are left out (scraped every few seconds, they tell nothing), and so are
+    the board WebSockets: a span for a whole connection would make every event sent on it part
+    of one trace, while each event is to be its own trace. The per-message ASGI send/receive
+    spans are off, so an SSE stream is one span, not one per event written.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    excluded = [f"{re.escape(path)}$" for path in ("/healthz", "/readyz", settings.metrics_path)]
+    FastAPIInstrumentor.instrument_app(
+        app,
+        excluded_urls=",".join([*excluded, "/ws/"]),
+        exclude_spans=["receive", "send"],
+        server_request_hook=_redact_span_urls,
+    )
 
 
 def inject_trace_context() -> dict[str, str]:
@@ -122,3 +225,85 @@ def inject_trace_context() -> dict[str, str]:
 
 def extract_trace_context(carrier: Mapping[str, str]) -> context.Context:
     return propagate.extract(dict(carrier))
+
+
+class DeliveryTracker:
+    """An edge's view of the events it delivers: one span per event, latency per socket write.
+
+    `on_event` is the `ActivityHub.on_event` hook: it runs once per event per process, after
+    the event was handed to the subscribers' queues and before any of them writes it. It reads
+    the event's JSON once, records a "deliver board event" span as a child of the worker's, and
+    keeps `occurred_at` so that each socket write (`written`) observes the end-to-end latency
+    without decoding the event again.
+    """
+
+    CACHE = 4096  # events remembered per process; a writer further behind re-reads the event
+
+    def __init__(
+        self,
+        transport: str,
+        observe_latency: Callable[[float], None],
+        *,
+        tracer: trace.Tracer = tracer,
+    ) -> None:
+        self._transport = transport
+        self._observe = observe_latency
+        self._tracer = tracer
+        self._occurred: dict[tuple[str, str, int], float] = {}
+
+    def on_event(self, event: RelayedEvent, receivers: int) -> None:
+        if receivers == 0:
+            return  # no subscriber here: nothing was delivered by this process
+        fields = _event_fields(event.event)
+        self._remember(event, _timestamp(fields.get("occurred_at")))
+        carrier = fields.get("trace_context")
+        # Without a carrier the span starts a trace of its own, never joins whatever is current.
+        parent = extract_trace_context(carrier) if isinstance(carrier, dict) else context.Context()
+        attributes: dict[str, str | int] = {
+            "board.id": event.board_id,
+            "board.sequence": event.sequence,
+            "delivery.transport": self._transport,
+            "delivery.subscribers": receivers,
+        }
+        if isinstance(fields.get("correlation_id"), str):
+            attributes["messaging.message.conversation_id"] = fields["correlation_id"]
+        if isinstance(fields.get("event_id"), str):
+            attributes["messaging.message.id"] = fields["event_id"]
+        self._tracer.start_span(
+            "deliver board event",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+        ).end()
+
+    def written(self, event: RelayedEvent) -> None:
+        """One socket wrote this live event: observe occurred_at → now."""
+        occurred = self._occurred.get((event.stream_id, event.board_id, event.sequence))
+        if occurred is None:
+            occurred = _timestamp(_event_fields(event.event).get("occurred_at"))
+        if occurred is not None:
+            self._observe(max(0.0, time.time() - occurred))
+
+    def _remember(self, event: RelayedEvent, occurred: float | None) -> None:
+        if occurred is None:
+            return
+        self._occurred[(event.stream_id, event.board_id, event.sequence)] = occurred
+        if len(self._occurred) > self.CACHE:
+            del self._occurred[next(iter(self._occurred))]  # dicts keep insertion order
+
+
+def _event_fields(event: bytes) -> dict[str, Any]:
+    try:
+        fields = orjson.loads(event)
+    except orjson.JSONDecodeError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None

@@ -1,8 +1,18 @@
-"""Security headers on every HTTP response, errors and SSE streams included (pure ASGI)."""
+"""Edge hardening shared by the services: security headers, origins, hardened uvicorn protocols.
+
+- `SecurityHeadersMiddleware` (pure ASGI) and `secure_app`, which puts it outside Starlette's
+  `ServerErrorMiddleware`, so 500s, 404s, 429s and SSE streams carry the headers too.
+- `websocket_origin_allowed`: the exact-match `Origin` rule for WebSocket handshakes.
+- `hardened_http_protocol` / `hardened_websocket_protocol`: uvicorn protocol classes that bound
+  what uvicorn leaves open: a request whose headers never complete (slowloris), a client that
+  stops reading (an ever-growing write buffer), ping floods and silent connections.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from envelope.settings import SuiteSettings
@@ -13,16 +23,26 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger("envelope.security")
+
+CLOSE_HANDSHAKE_SECONDS = 4.0
+
+PERMISSIONS_POLICY = (
+    "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), "
+    "microphone=(), payment=(), usb=(), interest-cohort=()"
+)
+
 
 def security_headers(settings: SuiteSettings) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-security-policy", settings.content_security_policy.encode()),
         (b"strict-transport-security", settings.strict_transport_security.encode()),
         (b"referrer-policy", b"no-referrer"),
-        (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=()"),
+        (b"permissions-policy", PERMISSIONS_POLICY.encode()),
         (b"x-content-type-options", b"nosniff"),
         (b"x-frame-options", b"DENY"),
         (b"cross-origin-opener-policy", b"same-origin"),
+        (b"cross-origin-resource-policy", b"same-site"),
     ]
 
 
@@ -46,3 +66,268 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def secure_app(app: Any, settings: SuiteSettings) -> None:
+    """Wrap the app's whole middleware stack, `ServerErrorMiddleware` included, in the headers.
+
+    `add_middleware` places a middleware inside Starlette's `ServerErrorMiddleware`, whose 500
+    response would then go out bare; wrapping the built stack covers it.
+    """
+    build = app.build_middleware_stack
+    if getattr(build, "_with_security_headers", False):
+        return
+
+    def build_with_headers() -> ASGIApp:
+        return SecurityHeadersMiddleware(build(), settings)
+
+    build_with_headers._with_security_headers = True  # type: ignore[attr-defined]
+    app.build_middleware_stack = build_with_headers
+
+
+def websocket_origin_allowed(
+    origin: str | None,
+    host: str | None,
+    allowed: list[str],
+    *,
+    from_browser: bool,
+    require_origin: bool = False,
+) -> bool:
+    """The WebSocket `Origin` rule (OWASP: validate Origin against an exact allowlist).
+
+    - Listed origins match exactly (no prefix, suffix or case folding: `https://app.example.evil`
+      and `https://APP.example` are not `https://app.example`). `null` (sandboxed frames, file://
+      pages) is never allowed.
+    - The page's own origin (`http(s)://<Host>`) is allowed: the playground served by the ingress.
+    - A missing `Origin` means a non-browser client (browsers always send it on WebSocket
+      handshakes): allowed unless `require_origin`, or unless the request still shows a browser's
+      marks (`from_browser`: `Sec-Fetch-*` headers or a cookie credential), because then the
+      header was stripped on the way and the cookie would make it a cross-site hijack.
+    """
+    if origin is None:
+        return not (require_origin or from_browser)
+    if origin == "null":
+        return False
+    if origin in allowed:
+        return True
+    return host is not None and origin in (f"http://{host}", f"https://{host}")
+
+
+def shows_browser_marks(headers: Mapping[str, str]) -> bool:
+    """Fetch metadata headers are set by browsers only (scripts do not bother)."""
+    return any(name in headers for name in ("sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest"))
+
+
+def hardened_http_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline for each request's head and body.
+
+    uvicorn has no such timeout: a client that opens a connection and sends a request slowly, or
+    never finishes it, holds a connection (and a file descriptor) for ever. Past the deadline the
+    client gets `408` when nothing was answered yet, and the connection is closed.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutHttpProtocol(HttpToolsProtocol):
+        _request_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def handle_websocket_upgrade(self) -> None:
+            self._disarm()
+            super().handle_websocket_upgrade()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._request_timer = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+                self._request_timer = None
+
+        def _expired(self) -> None:
+            self._request_timer = None
+            if self.transport.is_closing():
+                return
+            log.info("closing a connection whose request did not arrive in %ss", header_timeout)
+            if self.cycle is None or self.cycle.response_complete:
+                body = b"The request did not arrive in time."
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                )
+            self.transport.close()
+
+    return HeaderTimeoutHttpProtocol
+
+
+def hardened_websocket_protocol(
+    *,
+    write_stall_seconds: float,
+    idle_seconds: float,
+    max_pings: int,
+    ping_window_seconds: float = 10.0,
+) -> type[asyncio.Protocol]:
+    """uvicorn's sans-I/O websockets protocol with bounds uvicorn does not set.
+
+    - A client that stops reading: once the write buffer stays over its high-water mark for
+      `write_stall_seconds`, the connection is aborted (a plain close would wait for the buffer
+      to drain, which never happens). Pongs are not queued while the buffer is full.
+    - More than `max_pings` pings within `ping_window_seconds`: close 1008.
+    - Nothing at all received (no frame, no pong) for `idle_seconds`: close 1001. With the
+      server's pings answered this never fires; it bounds sockets whose peer vanished when
+      pings are turned off.
+    """
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.frames import Frame, Opcode
+    from websockets.http11 import Request
+
+    class HardenedWebSocketProtocol(WebSocketsSansIOProtocol):
+        _stall_timer: asyncio.TimerHandle | None = None
+        _idle_timer: asyncio.TimerHandle | None = None
+        _ping_times: list[float]
+        _last_received = 0.0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            # uvicorn waits 10 s for the peer's answer to our close frame; a client that does
+            # not answer is not worth holding a socket for that long.
+            self.close_timeout = CLOSE_HANDSHAKE_SECONDS
+            self._ping_times = []
+            self._last_received = self.loop.time()
+            self._idle_timer = self.loop.call_later(idle_seconds, self._check_idle)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            for timer in (self._stall_timer, self._idle_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._stall_timer = self._idle_timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._last_received = self.loop.time()
+            super().data_received(data)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(write_stall_seconds, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+
+        def handle_events(self) -> None:
+            # websockets queues a pong for every ping of a read at once, so the pings are
+            # counted here, before any of those pongs is written.
+            events = self.conn.events_received()
+            now = self.loop.time()
+            self._ping_times = [t for t in self._ping_times if now - t < ping_window_seconds]
+            self._ping_times += [
+                now for e in events if isinstance(e, Frame) and e.opcode == Opcode.PING
+            ]
+            if len(self._ping_times) > max_pings:
+                self.conn.data_to_send()  # the queued pongs are dropped
+                self._fail(1008, "too many pings")
+                return
+            for event in events:
+                if isinstance(event, Request):
+                    self.handle_connect(event)
+                elif isinstance(event, Frame):
+                    self._dispatch(event)
+
+        def _dispatch(self, event: Frame) -> None:
+            opcode = event.opcode
+            if opcode is Opcode.TEXT:
+                self.handle_text(event)
+            elif opcode is Opcode.CONT:
+                self.handle_cont(event)
+            elif opcode is Opcode.BINARY:
+                self.handle_bytes(event)
+            elif opcode is Opcode.PING:
+                self.handle_ping()
+            elif opcode is Opcode.PONG:
+                self.handle_pong(event)
+            elif opcode is Opcode.CLOSE:
+                self.handle_close(event)
+
+        def send_receive_event_to_app(self) -> None:
+            # uvicorn logs invalid UTF-8 at error level with a traceback: a client's bad input
+            # is not a server error, and one log line per hostile connection is a log flood.
+            if self.curr_msg_data_type == "text" and not self.close_sent:
+                try:
+                    b"".join(self.frames).decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    self._fail(1007, "invalid UTF-8")
+                    return
+            super().send_receive_event_to_app()
+
+        def handle_ping(self) -> None:
+            output = self.conn.data_to_send()
+            if self.writable.is_set():  # a client that does not read gets no more pongs queued
+                self.transport.write(b"".join(output))
+
+        def _fail(self, code: int, reason: str) -> None:
+            if self.close_sent or self.transport.is_closing():
+                return
+            self.conn.fail(code, reason)
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            # The app's next send raises ClientDisconnected (a WebSocketDisconnect in Starlette)
+            # instead of a RuntimeError about sending after the close.
+            self.close_sent = self.disconnected = True
+            self.transport.close()
+
+        def _stalled(self) -> None:
+            self._stall_timer = None
+            log.info("aborting a WebSocket whose client stopped reading")
+            self.transport.abort()
+
+        def _check_idle(self) -> None:
+            silent = self.loop.time() - self._last_received
+            if silent >= idle_seconds:
+                self._idle_timer = None
+                if self.handshake_complete:
+                    self._fail(1001, "idle timeout")
+                else:
+                    self.transport.abort()
+                return
+            self._idle_timer = self.loop.call_later(
+                max(idle_seconds - silent, 0.05), self._check_idle
+            )
+
+    return HardenedWebSocketProtocol
+
+
+async def rate_limit_exceeded(request: Any, exc: Exception) -> Any:
+    """slowapi's `RateLimitExceeded` as a 429 that says what to do, with `Retry-After`.
+
+    (slowapi's own handler answers `{"error": ...}` without a `Retry-After`.)
+    """
+    from starlette.responses import JSONResponse
+
+    item = getattr(getattr(exc, "limit", None), "limit", None)
+    retry_after = int(item.get_expiry()) if item is not None else 60
+    detail = getattr(exc, "detail", "") or "the rate limit"
+    return JSONResponse(
+        {"detail": f"Too many requests ({detail}): retry after {retry_after} seconds."},
+        status_code=429,
+        headers={"Retry-After": str(retry_after)},
+    )

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from envelope.security import SecurityHeadersMiddleware
+from envelope.observability import instrument_app
+from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
@@ -42,7 +43,9 @@ def add_operations(
         should_group_status_codes=False,
         should_exclude_streaming_duration=True,  # SSE streams would swamp the histogram
     ).instrument(app, metric_namespace="advanced")
-    app.add_middleware(SecurityHeadersMiddleware, settings=settings)
+    instrument_app(app, settings)  # request spans, when an OTLP endpoint is configured
+    # Outside ServerErrorMiddleware too, so 500s carry the headers like every other answer.
+    secure_app(app, settings)
 
     @app.get("/healthz", include_in_schema=False)
     @exempt
@@ -95,6 +98,8 @@ def serve(
     app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any
 ) -> None:
     """Run one service process: uvloop and httptools where available, logs left to structlog."""
+    # uvicorn has no deadline for a request's head: without one, slow clients hold sockets.
+    options.setdefault("http", hardened_http_protocol(settings.http_request_timeout_seconds))
     config = uvicorn.Config(
         app,
         host=settings.host,

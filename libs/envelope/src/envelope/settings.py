@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+import re
+from typing import Annotated, Literal, Self, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from envelope.topology import RedisKeys, Topology
@@ -16,6 +17,11 @@ DEFAULT_CSP = (
     "form-action 'self'; object-src 'none'"
 )
 
+# An origin as browsers send it: scheme, host, optional port; no path, no userinfo, no "null".
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
+)
+
 
 class SuiteSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADVANCED_", env_file=".env", extra="ignore")
@@ -24,10 +30,14 @@ class SuiteSettings(BaseSettings):
     host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     forwarded_allow_ips: str = "127.0.0.1"
+    # How long a client may take to send a request's head and body (uvicorn sets no limit).
+    http_request_timeout_seconds: float = Field(default=10, gt=0)
 
     realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
     auth_jwt_secret: SecretStr | None = None
     auth_jwt_public_key: SecretStr | None = None
+    auth_jwt_audience: str | None = None  # when set, a JWT's `aud` must name it
+    auth_jwt_issuer: str | None = None  # when set, a JWT's `iss` must equal it
 
     event_transport: Literal["rabbitmq", "memory"] = "rabbitmq"
     board_channel: str = "advanced:board"
@@ -80,6 +90,17 @@ class SuiteSettings(BaseSettings):
             raise ValueError(
                 "ADVANCED_ALLOWED_ORIGINS must list exact origins; a wildcard is refused."
             )
+        if self.auth_jwt_secret is not None and len(self.auth_jwt_secret.get_secret_value()) < 32:
+            raise ValueError(
+                "ADVANCED_AUTH_JWT_SECRET is shorter than 32 bytes, too short for HS256 "
+                "(RFC 7518 3.2): use a longer random secret."
+            )
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"ADVANCED_ALLOWED_ORIGINS entry {origin!r} is not an origin: write "
+                    "scheme://host[:port] with no path or trailing slash ('null' is refused)."
+                )
         ladder_seconds = (self.rabbitmq_max_retries + 1) * self.rabbitmq_retry_delay_ms / 1000
         if self.redis_idempotency_ttl_seconds <= ladder_seconds:
             raise ValueError(
@@ -101,3 +122,25 @@ class SuiteSettings(BaseSettings):
     @property
     def redis_keys(self) -> RedisKeys:
         return RedisKeys(prefix=self.redis_key_prefix, activity_channel=self.activity_channel)
+
+
+SettingsT = TypeVar("SettingsT", bound=SuiteSettings)
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Build a service's settings from the environment, or exit with a plain message.
+
+    pydantic's own error text echoes the input values, which here include the token and the
+    broker passwords: print only where each problem is and what to do, never the values.
+    """
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = [
+            f"  {'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        raise SystemExit(
+            f"{cls.__name__}: the configuration is not valid, the service will not start.\n"
+            + "\n".join(problems)
+        ) from None

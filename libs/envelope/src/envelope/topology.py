@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,13 @@ class Topology:
 
     def partition_queue(self, partition: int) -> str:
         return f"{self.queue}.{partition}"
+
+    @property
+    def partition_queue_arguments(self) -> dict[str, Any]:
+        """Every declarer (worker and ingress) must pass exactly these: RabbitMQ refuses a
+        redeclaration with other arguments. One consumer at a time keeps a board's order; a
+        rejected message dead-letters to the retry exchange."""
+        return {"x-single-active-consumer": True, "x-dead-letter-exchange": self.retry_exchange}
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,27 +6,39 @@ import asyncio
 import contextlib
 import re
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import redis.asyncio as redis
 import structlog
-from envelope.auth import Authenticator, Unauthorized, credential_from
+from envelope.auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    Credential,
+    Unauthorized,
+    credential_source,
+)
 from envelope.feed import ActivityHub, RedisActivityStore
 from envelope.memory import MemoryTransport
 from envelope.models import BOARD_ID_PATTERN
+from envelope.security import (
+    rate_limit_exceeded,
+    shows_browser_marks,
+    websocket_origin_allowed,
+)
 from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from limits import parse
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from prometheus_client import CollectorRegistry
-from slowapi import Limiter, _rate_limit_exceeded_handler
+from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
-from slowapi.middleware import SlowAPIMiddleware
+from slowapi.middleware import SlowAPIASGIMiddleware
 from slowapi.util import get_remote_address
 
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
@@ -42,6 +54,7 @@ from ingress_ws.sessions import (
     BoardSocket,
     IngressMetrics,
     IngressRuntime,
+    MessageBudget,
     render_event_frame,
 )
 from ingress_ws.settings import IngressSettings
@@ -51,13 +64,46 @@ STATIC = Path(__file__).parent / "static"
 BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
-    """Browsers always send Origin: it must be listed, or the page's own origin."""
-    if origin is None:
-        return True  # not a browser (scripts, websocat): the credential is what protects us
-    if origin in allowed:
-        return True
-    return host is not None and origin in (f"http://{host}", f"https://{host}")
+MAX_CURSOR_DIGITS = 19  # a board sequence fits in 63 bits; longer is not a cursor
+
+
+def parse_cursor(cursor: str | None) -> int | None:
+    """A resume cursor from the query, or None: ASCII digits only (`"²".isdigit()` is true)."""
+    if cursor and len(cursor) <= MAX_CURSOR_DIGITS and cursor.isascii() and cursor.isdigit():
+        return int(cursor)
+    return None
+
+
+def origin_allowed(
+    websocket: WebSocket, credential: Credential | None, settings: IngressSettings
+) -> bool:
+    """The handshake's `Origin` against the allowlist (see `websocket_origin_allowed`)."""
+    headers = websocket.headers
+    from_browser = shows_browser_marks(headers) or (
+        credential is not None and credential.source == "cookie"
+    )
+    return websocket_origin_allowed(
+        headers.get("origin"),
+        headers.get("host"),
+        settings.allowed_origins,
+        from_browser=from_browser,
+        require_origin=settings.websocket_require_origin,
+    )
+
+
+def rate_limit_storage(settings: IngressSettings) -> Storage:
+    """Redis (redis-py's asyncio client, `async+redis://`) for the RabbitMQ transport, so limits
+    hold across replicas; memory for the in-memory transport."""
+    if settings.event_transport == "memory":
+        return MemoryStorage()
+    return RedisStorage(
+        "async+" + settings.redis_url.get_secret_value(),
+        implementation="redispy",
+        key_prefix=f"{settings.redis_key_prefix}limits",
+        wrap_exceptions=True,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+    )
 
 
 def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = None) -> FastAPI:
@@ -96,16 +142,23 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             presence = BoardPresence(presence_store, instance)
             hub: ActivityHub[str] = ActivityHub(
                 activity,
-                render_board=render_event_frame(presence, metrics),
+                render_board=render_event_frame(presence),
                 render_activity=lambda e: "",
+            )
+            hub.on_event = metrics.delivery.on_event
+            budget = MessageBudget(
+                rate_limit_storage(settings),
+                parse(settings.websocket_rate_limit),
+                parse(settings.websocket_client_rate_limit)
+                if settings.websocket_client_rate_limit
+                else None,
             )
             runtime = IngressRuntime(
                 settings=settings,
                 publisher=publisher,
                 hub=hub,
                 presence=presence,
-                limiter=MovingWindowRateLimiter(MemoryStorage()),
-                limit=parse(settings.websocket_rate_limit),
+                budget=budget,
                 metrics=metrics,
             )
             holder["runtime"] = runtime
@@ -138,8 +191,15 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
     app = FastAPI(title="ingress-ws", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.limiter = limiter
     app.state.drain = drain
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
-    app.add_middleware(SlowAPIMiddleware)
+    app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
+    app.add_middleware(SlowAPIASGIMiddleware)  # pure ASGI: no BaseHTTPMiddleware around SSE
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_credentials=True,  # POST /session from a listed page sets the session cookie
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
 
     async def readiness() -> dict[str, bool]:
         runtime = holder.get("runtime")
@@ -167,33 +227,98 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    cookie_secure = (
+        settings.session_cookie_secure
+        if settings.session_cookie_secure is not None
+        else settings.environment != "development"
+    )
+
+    def refuse(status: int, detail: str) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    def page_origin_allowed(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        return websocket_origin_allowed(
+            origin, request.headers.get("host"), settings.allowed_origins, from_browser=False
+        )
+
+    @app.post("/session")
+    async def create_session(request: Request) -> Response:
+        """Trade a bearer credential for an HttpOnly session cookie (EventSource sends no headers).
+
+        Only `Authorization: Bearer` is accepted here: a token in the URL would be logged by
+        proxies, and accepting the cookie would let a page extend a session it cannot read.
+        """
+        if not page_origin_allowed(request):
+            return refuse(403, "This origin may not create sessions.")
+        found = credential_source({}, request.headers, {})
+        if found is None:
+            return refuse(401, "Send the token as Authorization: Bearer to create a session.")
+        try:
+            principal = authenticator.authenticate(found.value)
+        except Unauthorized as exc:
+            return refuse(401, str(exc))
+        value, expires_at = authenticator.issue_session(principal, settings.session_ttl_seconds)
+        body = {
+            "boards": "*" if principal.boards is None else sorted(principal.boards),
+            "expires_at": expires_at,
+        }
+        response = JSONResponse(body, headers={"Cache-Control": "no-store"})
+        response.set_cookie(
+            SESSION_COOKIE,
+            value,
+            max_age=max(int(expires_at - time.time()), 0),
+            path="/",
+            domain=settings.session_cookie_domain,
+            secure=cookie_secure,
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @app.delete("/session")
+    async def end_session(request: Request) -> Response:
+        if not page_origin_allowed(request):
+            return refuse(403, "This origin may not end sessions.")
+        response = Response(status_code=204, headers={"Cache-Control": "no-store"})
+        response.delete_cookie(
+            SESSION_COOKIE,
+            path="/",
+            domain=settings.session_cookie_domain,
+            secure=cookie_secure,
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
     @app.websocket("/ws/boards/{board_id}")
     async def board_socket(websocket: WebSocket, board_id: str) -> None:
         runtime = holder["runtime"]
+        # The contract closes with codes, which needs an accepted socket; nothing flows before
+        # every check below has passed.
         await websocket.accept()
         if not BOARD_ID.match(board_id):
             await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
-        if not origin_allowed(
-            websocket.headers.get("origin"), websocket.headers.get("host"), settings.allowed_origins
-        ):
+        credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
+        if not origin_allowed(websocket, credential, settings):
             await websocket.close(CLOSE_FORBIDDEN, "origin not allowed")
             return
         try:
-            principal = authenticator.authenticate(
-                credential_from(websocket.query_params, websocket.headers, websocket.cookies)
-            )
+            principal = authenticator.authenticate(credential.value if credential else None)
         except Unauthorized as exc:
             await websocket.close(CLOSE_UNAUTHORISED, str(exc)[:120])
             return
         if not principal.may_access(board_id):
             await websocket.close(CLOSE_FORBIDDEN, "this token does not grant the board")
             return
+        # No await between this check and `presence.join` counting the socket (the first thing
+        # `run` does), so concurrent handshakes cannot all pass it and overshoot the limit.
         if runtime.presence.connections >= settings.websocket_max_connections:
             await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
             return
         cursor = websocket.query_params.get("after") or websocket.query_params.get("last_event_id")
-        resume_after = int(cursor) if cursor and cursor.isdigit() else None
-        await BoardSocket(websocket, board_id, principal, runtime).run(resume_after)
+        await BoardSocket(websocket, board_id, principal, runtime).run(parse_cursor(cursor))
 
     return app

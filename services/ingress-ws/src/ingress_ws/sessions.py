@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import structlog
 from envelope import codec
 from envelope.auth import Principal
-from envelope.codec import InvalidFrame, RelayedEvent, seconds_since_occurred
-from envelope.feed import ActivityHub, SlowConsumer, Subscription
+from envelope.codec import InvalidFrame, RelayedEvent
+from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
 from envelope.models import (
     SCHEMA_VERSION,
     AckFrame,
@@ -24,9 +24,12 @@ from envelope.models import (
     ResumeRequest,
     utcnow,
 )
-from envelope.observability import inject_trace_context
+from envelope.observability import DeliveryTracker, inject_trace_context
 from limits import RateLimitItem
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -45,7 +48,10 @@ CLOSE_BAD_BOARD = 4400
 CLOSE_UNAUTHORISED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4408
+WRITE_BATCH = 64  # events sent per wake-up of a socket's writer when several are waiting
 MAX_IN_FLIGHT = 256  # unconfirmed publishes per connection before we stop reading
+# A client that stopped reading cannot take a close frame either: give up on it after this.
+CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class IngressMetrics:
@@ -84,8 +90,59 @@ class IngressMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
+        self.replayed = Counter(
+            "advanced_websocket_replayed_events",
+            "Events sent from the board's stream on resume.",
+            registry=registry,
+        )
+        self.resets = Counter(
+            "advanced_websocket_resets",
+            "Resumes whose cursor was no longer retained.",
+            registry=registry,
+        )
+        # One span per event fanned out here; latency observed at each socket write.
+        self.delivery = DeliveryTracker("websocket", self.latency.labels("websocket").observe)
         for status in ("success", "error"):
             self.published.labels(status)
+
+
+class MessageBudget:
+    """The WebSocket message limits (slowapi covers HTTP routes only), on `limits`' moving window.
+
+    The storage is Redis with the RabbitMQ transport, so a per-client budget holds across ingress
+    replicas; if Redis stops answering, counting falls back to this process's memory rather than
+    letting every frame through or refusing them all.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        per_connection: RateLimitItem,
+        per_client: RateLimitItem | None = None,
+    ) -> None:
+        self._shared = MovingWindowRateLimiter(storage)
+        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._per_connection = per_connection
+        self._per_client = per_client
+        self._storage_failing = False
+
+    async def allow(self, connection: str, client: str) -> bool:
+        try:
+            allowed = await self._hit(self._shared, connection, client)
+        except StorageError as exc:
+            if not self._storage_failing:
+                log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
+            self._storage_failing = True
+            return await self._hit(self._local, connection, client)
+        self._storage_failing = False
+        return allowed
+
+    async def _hit(self, limiter: MovingWindowRateLimiter, connection: str, client: str) -> bool:
+        if not await limiter.hit(self._per_connection, "ws-connection", connection):
+            return False
+        if self._per_client is None:
+            return True
+        return await limiter.hit(self._per_client, "ws-client", client)
 
 
 @dataclass
@@ -96,8 +153,7 @@ class IngressRuntime:
     publisher: EventPublisher
     hub: ActivityHub[str]
     presence: BoardPresence
-    limiter: MovingWindowRateLimiter
-    limit: RateLimitItem
+    budget: MessageBudget
     metrics: IngressMetrics
     sockets: set[BoardSocket] = field(default_factory=set)
 
@@ -116,6 +172,8 @@ class BoardSocket:
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._publishes: set[asyncio.Task[None]] = set()
         self._strikes = 0
+        # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
+        self.client = websocket.client.host if websocket.client else "unknown"
         self._log = log.bind(board_id=board_id, sender=self.sender)
 
     async def run(self, resume_after: int | None) -> None:
@@ -132,6 +190,8 @@ class BoardSocket:
                 tasks = [
                     asyncio.create_task(self._read()),
                     asyncio.create_task(self._write(subscription)),
+                    # A writer stuck in a send to a stalled client never sees the overflow.
+                    asyncio.create_task(self._cut_when_overflowing(subscription)),
                 ]
                 if self.principal.expires_at is not None:
                     tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
@@ -143,8 +203,10 @@ class BoardSocket:
                     for task in tasks:
                         task.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
-                    # Let confirms already under way reach the client before we leave.
-                    await asyncio.gather(*self._publishes, return_exceptions=True)
+                    # Let confirms already under way reach the client before we leave
+                    # (bounded: a stalled client cannot take them).
+                    if self._publishes:
+                        await asyncio.wait(self._publishes, timeout=CLOSE_TIMEOUT_SECONDS)
         except SlowConsumer:
             self._log.warning("closing a slow consumer")
             await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
@@ -159,19 +221,24 @@ class BoardSocket:
         if self.websocket.application_state == WebSocketState.CONNECTED:
             self.runtime.metrics.closes.labels(str(code)).inc()
             with contextlib.suppress(Exception):
-                await self.websocket.close(code, reason)
+                await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS)
 
     async def resume(self, after: int) -> None:
         """Replay the board's retained events after `after`, then carry on live without a seam."""
         replay = await self.runtime.hub.replay_board(self.board_id, after)
         total = self.runtime.presence.total(self.board_id)
         async with self._send_lock:
+            self.runtime.metrics.replayed.inc(len(replay.events))
             if replay.expired:
+                self.runtime.metrics.resets.inc()
                 reset = ResetFrame(board_id=self.board_id, oldest_cursor=replay.oldest_cursor)
                 await self.websocket.send_text(codec.dumps(reset).decode())
             for event in replay.events:
                 await self.websocket.send_text(codec.event_frame(event.event, total).decode())
-            self._last_sequence = replay.events[-1].sequence if replay.events else after
+            if replay.events:
+                self._last_sequence = replay.events[-1].sequence
+            else:  # expired with nothing retained: any sequence that comes next is new
+                self._last_sequence = 0 if replay.expired else after
 
     async def _read(self) -> None:
         settings = self.runtime.settings
@@ -180,6 +247,21 @@ class BoardSocket:
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             text = message.get("text")
+            # Every frame counts, junk and resume requests included: each costs a reply (a
+            # resume up to the whole retained history), so none may come for free.
+            if not await self.runtime.budget.allow(self.sender, self.client):
+                self._strikes += 1
+                if self._strikes >= settings.websocket_rate_limit_strikes:
+                    self._log.warning("closing a client that keeps breaking its rate limit")
+                    await self.close(CLOSE_POLICY, "rate limit exceeded repeatedly")
+                    return
+                await self._refuse(
+                    InvalidFrame(
+                        "rate_limited", "Too many messages: slow down.", codec.client_id_of(text)
+                    )
+                )
+                continue
+            self._strikes = 0
             if text is None:
                 await self._refuse(
                     InvalidFrame("invalid_message", "Send JSON in text frames, not binary.")
@@ -193,17 +275,6 @@ class BoardSocket:
             if isinstance(frame, ResumeRequest):
                 await self.resume(frame.after)
                 continue
-            if not await self.runtime.limiter.hit(self.runtime.limit, "ws", self.sender):
-                self._strikes += 1
-                if self._strikes >= settings.websocket_rate_limit_strikes:
-                    self._log.warning("closing a client that keeps breaking its rate limit")
-                    await self.close(CLOSE_POLICY, "rate limit exceeded repeatedly")
-                    return
-                await self._refuse(
-                    InvalidFrame("rate_limited", "Too many messages: slow down.", frame.id)
-                )
-                continue
-            self._strikes = 0
             await self._in_flight.acquire()
             task = asyncio.create_task(self._publish(frame, time.perf_counter()))
             self._publishes.add(task)
@@ -211,57 +282,97 @@ class BoardSocket:
 
     async def _publish(self, message: BoardMessage, started: float) -> None:
         metrics = self.runtime.metrics
+        # Each accepted frame starts a trace of its own (an empty parent context), however
+        # long the connection lives; it began when the frame was taken up, at `started`.
+        received_ns = time.time_ns() - int((time.perf_counter() - started) * 1e9)
         try:
             with tracer.start_as_current_span(
-                "publish board event",
-                kind=trace.SpanKind.PRODUCER,
-                attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
-            ):
-                # The frame was validated as a BoardMessage: construct without validating again.
-                envelope = BoardEventEnvelope.model_construct(
-                    schema_version=SCHEMA_VERSION,
-                    event_id=uuid.uuid4(),
-                    correlation_id=message.id or uuid.uuid4().hex,
-                    board_id=self.board_id,
-                    type=message.type,
-                    payload=message.payload,
-                    sender=self.sender,
-                    occurred_at=utcnow(),
-                    trace_context=inject_trace_context(),
-                )
-                try:
-                    await self.runtime.publisher.publish(
-                        envelope, codec.dumps(envelope), envelope.trace_context
+                "receive board event",
+                context=otel_context.Context(),
+                kind=trace.SpanKind.SERVER,
+                start_time=received_ns,
+                attributes={"board.id": self.board_id, "board.event.type": message.type},
+            ) as received:
+                with tracer.start_as_current_span(
+                    "publish board event",
+                    kind=trace.SpanKind.PRODUCER,
+                    attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
+                ):
+                    # The frame was validated as a BoardMessage: construct without validating.
+                    envelope = BoardEventEnvelope.model_construct(
+                        schema_version=SCHEMA_VERSION,
+                        event_id=uuid.uuid4(),
+                        correlation_id=message.id or uuid.uuid4().hex,
+                        board_id=self.board_id,
+                        type=message.type,
+                        payload=message.payload,
+                        sender=self.sender,
+                        occurred_at=utcnow(),
+                        trace_context=inject_trace_context(),
                     )
-                except PublishUnavailable as exc:
-                    metrics.published.labels("error").inc()
-                    metrics.frames.labels("unavailable").inc()
-                    self._log.warning("publish failed", reason=str(exc))
-                    await self._send(
-                        ErrorFrame(
-                            code="unavailable",
-                            message="The event could not be stored; retry with the same id.",
+                    received.set_attributes(
+                        {
+                            "messaging.message.id": str(envelope.event_id),
+                            "messaging.message.conversation_id": envelope.correlation_id,
+                        }
+                    )
+                    try:
+                        await self.runtime.publisher.publish(
+                            envelope, codec.dumps(envelope), envelope.trace_context
+                        )
+                    except PublishUnavailable as exc:
+                        metrics.published.labels("error").inc()
+                        metrics.frames.labels("unavailable").inc()
+                        received.set_status(trace.StatusCode.ERROR, str(exc))
+                        self._log.warning(
+                            "publish failed",
+                            reason=str(exc),
                             correlation_id=envelope.correlation_id,
                         )
-                    )
-                    return
-            metrics.published.labels("success").inc()
-            metrics.frames.labels("accepted").inc()
-            metrics.publish_duration.observe(time.perf_counter() - started)
-            await self._send(
-                AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
-            )
+                        await self._send(
+                            ErrorFrame(
+                                code="unavailable",
+                                message="The event could not be stored; retry with the same id.",
+                                correlation_id=envelope.correlation_id,
+                            )
+                        )
+                        return
+                metrics.published.labels("success").inc()
+                metrics.frames.labels("accepted").inc()
+                metrics.publish_duration.observe(time.perf_counter() - started)
+                await self._send(
+                    AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
+                )
         finally:
             self._in_flight.release()
 
     async def _write(self, subscription: Subscription[str]) -> None:
+        written = self.runtime.metrics.delivery.written
         while True:
-            event, frame = await subscription.next()
+            try:
+                # Several events waiting are sent under one hold of the lock, without a
+                # wake-up of this task per event.
+                batch = await subscription.next_batch(WRITE_BATCH)
+            except HistoryLost:
+                # Redis lost its data and sequences start again: say so, then carry on.
+                async with self._send_lock:
+                    self.runtime.metrics.resets.inc()
+                    reset = ResetFrame(board_id=self.board_id, oldest_cursor=None)
+                    await self.websocket.send_text(codec.dumps(reset).decode())
+                    self._last_sequence = 0
+                continue
             async with self._send_lock:
-                if event.sequence <= self._last_sequence:
-                    continue  # already sent by a replay
-                await self.websocket.send_text(frame)
-                self._last_sequence = event.sequence
+                for event, frame in batch:
+                    if event.sequence <= self._last_sequence:
+                        continue  # already sent by a replay
+                    await self.websocket.send_text(frame)
+                    self._last_sequence = event.sequence
+                    written(event)
+
+    @staticmethod
+    async def _cut_when_overflowing(subscription: Subscription[str]) -> None:
+        await subscription.overflow.wait()
+        raise SlowConsumer
 
     async def _expire(self, expires_at: float) -> None:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
@@ -284,13 +395,10 @@ class BoardSocket:
                 await self.websocket.send_text(codec.dumps(frame).decode())
 
 
-def render_event_frame(
-    presence: BoardPresence, metrics: IngressMetrics
-) -> Callable[[RelayedEvent], str]:
+def render_event_frame(presence: BoardPresence) -> Callable[[RelayedEvent], str]:
     """Builds each event's frame once per process; every socket of the board sends that string."""
 
     def render(event: RelayedEvent) -> str:
-        metrics.latency.labels("websocket").observe(seconds_since_occurred(event.event))
         return codec.event_frame(event.event, presence.total(event.board_id)).decode()
 
     return render

@@ -12,6 +12,19 @@ class IngressSettings(SuiteSettings):
     websocket_rate_limit_strikes: int = Field(default=20, ge=1)
     websocket_send_queue: int = Field(default=1000, ge=1)
     websocket_idle_timeout_seconds: float = Field(default=300, gt=0)
+    # Optional: one message budget per client address across all its sockets and replicas
+    # (counted in Redis); unset by default, since clients behind one NAT share an address.
+    websocket_client_rate_limit: str | None = None
+    websocket_ping_interval_seconds: float = Field(default=20, gt=0)
+    websocket_ping_timeout_seconds: float = Field(default=20, gt=0)
+    websocket_max_pings: int = Field(default=50, ge=1)  # client pings per 10 s before 1008
+    websocket_write_stall_seconds: float = Field(default=30, gt=0)
+    # Refuse handshakes without an Origin header (no scripts or websocat then).
+    websocket_require_origin: bool = False
+    session_ttl_seconds: int = Field(default=3600, ge=60)
+    # None: Secure outside development (browsers treat http://localhost as secure anyway).
+    session_cookie_secure: bool | None = None
+    session_cookie_domain: str | None = None
     sse_public_url: str = "http://localhost:8005"
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)

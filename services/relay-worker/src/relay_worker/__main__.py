@@ -8,6 +8,7 @@ import sys
 
 from envelope.observability import configure_logging, configure_tracing
 from envelope.service import serve
+from envelope.settings import load_settings
 
 from relay_worker.app import build_worker
 from relay_worker.dlq import list_dead_letters, replay_dead_letters
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--all", action="store_true", help="every dead letter")
     args = parser.parse_args(argv)
 
-    settings = WorkerSettings()
+    settings = load_settings(WorkerSettings)
     if args.command == "dlq":
         if args.dlq_command == "list":
             sys.exit(asyncio.run(list_dead_letters(settings, sys.stdout)))

@@ -12,7 +12,7 @@ import aio_pika
 import redis.asyncio as redis
 import structlog
 from envelope.memory import MemoryTransport
-from envelope.service import add_operations
+from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -47,32 +47,22 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                     await task
                 return
 
-            client = redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=5)
-            stack.push_async_callback(client.aclose)
-            connection = await aio_pika.connect_robust(
-                settings.rabbitmq_url.get_secret_value(),
-                client_properties={"connection_name": f"relay-worker {socket.gethostname()}"},
+            # Timeouts bound every Redis call, so a dropped connection becomes an error (and
+            # a retry of the message) instead of a relay step that hangs with the message.
+            client = redis.from_url(
+                settings.redis_url.get_secret_value(),
+                health_check_interval=5,
+                socket_timeout=5,
+                socket_connect_timeout=5,
             )
-            stack.push_async_callback(connection.close)
-            async with connection.channel() as channel:
-                await declare_topology(channel, settings.topology, settings.rabbitmq_retry_delay_ms)
-
+            stack.push_async_callback(client.aclose)
+            worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
             keys = settings.redis_keys
             relay = Relay(
                 RedisRelayStore(client, keys, settings.replay_retention), settings, metrics
             )
-            worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
             leases = PartitionLeases(
                 client, keys, worker_id, settings.rabbitmq_partitions, settings.partition_lease_ms
-            )
-            consumer = PartitionedConsumer(
-                connection,
-                relay,
-                leases,
-                settings.topology,
-                prefetch=settings.rabbitmq_prefetch,
-                lease_ms=settings.partition_lease_ms,
-                registry=registry,
             )
 
             async def redis_up() -> bool:
@@ -81,12 +71,47 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 except (redis.RedisError, OSError):
                     return False
 
-            state["connection"] = connection
             state["redis_up"] = redis_up
-            task = asyncio.create_task(consumer.run())
-            log.info(
-                "relay worker started", worker_id=worker_id, partitions=settings.rabbitmq_partitions
-            )
+
+            async def connect() -> None:
+                # A name per process, so an operator (or a fault test) can tell workers apart.
+                connection = await aio_pika.connect_robust(
+                    settings.rabbitmq_url.get_secret_value(),
+                    client_properties={"connection_name": f"relay-worker {worker_id}"},
+                )
+                try:
+                    async with connection.channel() as channel:
+                        await declare_topology(
+                            channel, settings.topology, settings.rabbitmq_retry_delay_ms
+                        )
+                except BaseException:
+                    await connection.close()
+                    raise
+                state["connection"] = connection
+
+            async def consume() -> None:
+                # RabbitMQ may be down when the worker starts: keep trying, /readyz says 503
+                # meanwhile, and /healthz answers from the start.
+                await keep_trying(connect, "RabbitMQ", log)
+                consumer = PartitionedConsumer(
+                    state["connection"],  # type: ignore[arg-type]
+                    relay,
+                    leases,
+                    settings.topology,
+                    prefetch=settings.rabbitmq_prefetch,
+                    lease_ms=settings.partition_lease_ms,
+                    registry=registry,
+                    store_available=redis_up,
+                )
+                state["consumer"] = consumer
+                log.info(
+                    "relay worker started",
+                    worker_id=worker_id,
+                    partitions=settings.rabbitmq_partitions,
+                )
+                await asyncio.gather(consumer.run(), consumer.measure())
+
+            task = asyncio.create_task(consume())
             try:
                 yield
             finally:
@@ -94,7 +119,12 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                await consumer.drain()
+                consumer = state.get("consumer")
+                if isinstance(consumer, PartitionedConsumer):
+                    await consumer.drain()
+                connection = state.get("connection")
+                if connection is not None:
+                    await connection.close()  # type: ignore[attr-defined]
 
     app = FastAPI(title="relay-worker", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -103,7 +133,13 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             return {"rabbitmq_connected": True, "redis_connected": True}
         connection = state.get("connection")
         redis_up = state.get("redis_up")
-        rabbit = bool(connection is not None and not connection.is_closed)  # type: ignore[attr-defined]
+        # A robust connection is not "closed" while it reconnects; `connected` says whether
+        # it is up right now.
+        rabbit = bool(
+            connection is not None
+            and not connection.is_closed  # type: ignore[attr-defined]
+            and connection.connected.is_set()  # type: ignore[attr-defined]
+        )
         redis_ok = bool(redis_up is not None and await redis_up())  # type: ignore[operator]
         return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok}
 

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueueIterator, AbstractRobustConnection
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from envelope.topology import Topology
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from relay_worker.adapters.rabbitmq import AmqpDelivery, partition_messages
 from relay_worker.adapters.redis import PartitionLeases
-from relay_worker.relay import Relay
+from relay_worker.relay import BatchNotRelayed, Relay
 
 log = structlog.get_logger("relay_worker")
+
+# Settling (ack, reject, DLQ publish) fails like this when the channel or connection that
+# delivered the message is gone; RabbitMQ then redelivers the message, and the relay
+# step's idempotency key turns a second relay into a skipped duplicate.
+SETTLE_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
 
 
 @dataclass
 class _Partition:
     task: asyncio.Task[None]
     busy: asyncio.Lock
+    restarts: int = 0
 
 
 class PartitionedConsumer:
@@ -30,7 +39,9 @@ class PartitionedConsumer:
 
     Sequential handling per partition is what keeps a board's events in the order the ingress
     published them; throughput comes from partitions running side by side, on this worker and
-    on the others.
+    on the others. A partition task that dies (its channel closed under it, say) is restarted
+    while the lease is held; a worker that cannot renew its leases for a whole lease period
+    stops consuming, since another worker may own those partitions by now.
     """
 
     def __init__(
@@ -43,17 +54,20 @@ class PartitionedConsumer:
         prefetch: int,
         lease_ms: int,
         registry: CollectorRegistry,
+        store_available: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._connection = connection
         self._relay = relay
         self._leases = leases
         self._topology = topology
         self._prefetch = prefetch
+        self._lease_seconds = lease_ms / 1000
         self._interval = lease_ms / 3000
+        self._store_available = store_available
         self._owned: dict[int, _Partition] = {}
         self._depth = Gauge(
             "advanced_worker_queue_depth",
-            "Messages waiting in each RabbitMQ queue of the topology.",
+            "Messages waiting in each RabbitMQ queue of the topology (partitions, retry, DLQ).",
             ["queue"],
             registry=registry,
         )
@@ -62,31 +76,56 @@ class PartitionedConsumer:
             "Partitions this worker consumes now.",
             registry=registry,
         )
+        self._unsettled = Counter(
+            "advanced_worker_unsettled",
+            "Messages whose ack or reject failed because their channel was lost "
+            "(RabbitMQ redelivers them).",
+            registry=registry,
+        )
+        self._restarts = Counter(
+            "advanced_worker_partition_restarts",
+            "Partition consumers restarted after they stopped unexpectedly.",
+            registry=registry,
+        )
 
     @property
     def owned(self) -> set[int]:
         return set(self._owned)
 
     async def run(self) -> None:
+        renewed_at = time.monotonic()
         while True:
             try:
                 start, stop = await self._leases.plan(self.owned)
             except (RedisError, OSError) as exc:
-                log.warning(
-                    "partition leases unavailable; keeping current partitions", error=str(exc)
-                )
+                if self._owned and time.monotonic() - renewed_at > self._lease_seconds:
+                    # Our leases have expired in Redis: another worker may hold them now.
+                    log.warning(
+                        "partition leases lapsed while Redis was unreachable; stopping",
+                        partitions=sorted(self._owned),
+                        error=str(exc),
+                    )
+                    for partition in list(self._owned):
+                        await self._stop(partition, release=False)
+                else:
+                    log.warning("partition leases unavailable; retrying", error=str(exc))
             else:
+                renewed_at = time.monotonic()
                 for partition in stop:
                     await self._stop(partition, release=True)
                 for partition in start:
-                    busy = asyncio.Lock()
-                    task = asyncio.create_task(self._consume(partition, busy))
-                    self._owned[partition] = _Partition(task, busy)
-                    log.info("consuming partition", partition=partition)
-                self._partitions_gauge.set(len(self._owned))
-            with contextlib.suppress(Exception):
-                await self._measure_depth()
+                    self._start(partition)
+            self._restart_failed()
+            self._partitions_gauge.set(len(self._owned))
             await asyncio.sleep(self._interval)
+
+    async def measure(self, every: float = 5.0) -> None:
+        """Queue depths for the metrics, in a loop of its own: never delays lease renewal."""
+        while True:
+            with contextlib.suppress(Exception):
+                # Bounded: while RabbitMQ reconnects, opening a channel waits for it.
+                await asyncio.wait_for(self._measure_depth(), 2 * every)
+            await asyncio.sleep(every)
 
     async def drain(self) -> None:
         """Finish the message in hand on every partition, hand the rest back, release leases."""
@@ -95,15 +134,98 @@ class PartitionedConsumer:
         with contextlib.suppress(RedisError, OSError):
             await self._leases.leave(set())
 
+    def _start(self, partition: int, restarts: int = 0) -> None:
+        busy = asyncio.Lock()
+        task = asyncio.create_task(self._consume(partition, busy))
+        self._owned[partition] = _Partition(task, busy, restarts)
+        log.info("consuming partition", partition=partition, restarts=restarts)
+
+    def _restart_failed(self) -> None:
+        for partition, state in list(self._owned.items()):
+            if not state.task.done():
+                continue
+            error = None if state.task.cancelled() else state.task.exception()
+            log.warning(
+                "partition consumer stopped; restarting it",
+                partition=partition,
+                error=repr(error) if error else "the queue iterator ended",
+            )
+            self._restarts.inc()
+            self._start(partition, state.restarts + 1)
+
     async def _consume(self, partition: int, busy: asyncio.Lock) -> None:
         name = self._topology.partition_queue(partition)
         async with partition_messages(self._connection, name, self._prefetch) as (channel, queue):
             async with queue.iterator() as messages:
-                async for message in messages:
-                    async with busy:
-                        await self._relay.handle(
+                # What RabbitMQ has already pushed (up to the prefetch) is relayed as one
+                # batch: one Redis pipeline instead of a round trip per message.
+                ready: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+                pump = asyncio.create_task(_pump(messages, ready))
+                try:
+                    while (batch := await _next_batch(ready, self._prefetch)) is not None:
+                        deliveries = [
                             AmqpDelivery(message, channel, self._topology, name)
-                        )
+                            for message in batch
+                        ]
+                        await self._relay_batch(partition, deliveries, busy)
+                    await pump  # the iterator ended: surface why, so the restart is logged
+                finally:
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pump
+
+    async def _relay_batch(
+        self, partition: int, deliveries: list[AmqpDelivery], busy: asyncio.Lock
+    ) -> None:
+        async with busy:
+            try:
+                outcomes = await self._relay.handle_batch(deliveries)
+            except BatchNotRelayed as exc:
+                # Redis failed the whole pipeline before anything was settled: go one by one,
+                # so that only the first message takes the retry path while Redis is away.
+                log.warning(
+                    "relay pipeline failed; relaying one message at a time",
+                    partition=partition,
+                    error=repr(exc.__cause__),
+                )
+                outcomes = None
+            except SETTLE_ERRORS as exc:
+                self._unsettled_batch(partition, exc)
+                return
+        if outcomes is None:
+            for delivery in deliveries:
+                async with busy:
+                    try:
+                        outcome = await self._relay.handle(delivery)
+                    except SETTLE_ERRORS as exc:
+                        self._unsettled_batch(partition, exc)
+                        return
+                if outcome in ("retried", "dead_lettered"):
+                    await self._wait_for_store()
+        elif "retried" in outcomes or "dead_lettered" in outcomes:
+            await self._wait_for_store()
+
+    def _unsettled_batch(self, partition: int, exc: BaseException) -> None:
+        # Also messages buffered before a reconnect: their channel is gone.
+        self._unsettled.inc()
+        log.info(
+            "could not settle a message; RabbitMQ will redeliver it",
+            partition=partition,
+            error=repr(exc),
+        )
+
+    async def _wait_for_store(self) -> None:
+        """After a failed relay step, take the next message only once Redis answers again.
+
+        Otherwise an outage would push every waiting message through the retry ladder
+        (and, if it lasts, into the DLQ); this way they stay queued, in order.
+        """
+        if self._store_available is None:
+            return
+        delay = 0.1
+        while not await self._store_available():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _stop(self, partition: int, *, release: bool) -> None:
         state = self._owned.pop(partition)
@@ -126,3 +248,30 @@ class PartitionedConsumer:
                 self._depth.labels(name).set(queue.declaration_result.message_count or 0)
         finally:
             await channel.close()
+
+
+async def _pump(
+    messages: AbstractQueueIterator, ready: asyncio.Queue[AbstractIncomingMessage | None]
+) -> None:
+    try:
+        async for message in messages:
+            ready.put_nowait(message)
+    finally:
+        ready.put_nowait(None)  # the end, after every message already received
+
+
+async def _next_batch(
+    ready: asyncio.Queue[AbstractIncomingMessage | None], limit: int
+) -> list[AbstractIncomingMessage] | None:
+    """The next message and whatever else is already waiting, in order; None at the end."""
+    first = await ready.get()
+    if first is None:
+        return None
+    batch = [first]
+    while len(batch) < limit and not ready.empty():
+        message = ready.get_nowait()
+        if message is None:
+            ready.put_nowait(None)  # end after this batch
+            break
+        batch.append(message)
+    return batch

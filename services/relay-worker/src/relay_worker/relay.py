@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, cast
 
 import structlog
 from envelope.codec import MalformedEnvelope, activity_body, decode_envelope
 from envelope.memory import RelayOutcome
-from envelope.models import utcnow
+from envelope.models import BoardEventEnvelope, utcnow
 from envelope.observability import extract_trace_context, inject_trace_context
 from opentelemetry import trace
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from relay_worker.settings import WorkerSettings
@@ -35,7 +38,14 @@ class Delivery(Protocol):
     async def dead_letter(self, reason: str) -> None: ...
 
 
+class BatchNotRelayed(Exception):
+    """The pipelined relay steps failed as a whole; none of the deliveries was settled."""
+
+
 class RelayStore(Protocol):
+    """Stores may also offer `relay_many(steps, ttl_seconds)`: the same steps, pipelined,
+    returning one `RelayOutcome` or exception per step (see `RedisRelayStore`)."""
+
     async def relay(
         self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
     ) -> RelayOutcome: ...
@@ -59,6 +69,13 @@ class RelayMetrics:
             "Relayed events that no edge process was subscribed to hear.",
             registry=registry,
         )
+        self.lag = Histogram(
+            "advanced_worker_consumer_lag_seconds",
+            "How old an event is when the worker takes it up (now - occurred_at): queueing, "
+            "retry back-off and the ingress's publish included.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
         for outcome in ("delivered", "duplicate", "retried", "dead_lettered"):
             self.events.labels(outcome)
 
@@ -71,43 +88,106 @@ class Relay:
         self._relayed = 0
 
     async def handle(self, delivery: Delivery) -> Outcome:
-        started = time.perf_counter()
-        outcome = await self._handle(delivery)
-        self._metrics.events.labels(outcome).inc()
-        self._metrics.duration.observe(time.perf_counter() - started)
-        return outcome
+        return (await self.handle_batch([delivery]))[0]
 
-    async def _handle(self, delivery: Delivery) -> Outcome:
+    async def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Relay deliveries of one partition: one Redis round trip for all, settled in order.
+
+        Each relay step stays one atomic Lua call; a pipeline only sends them back to back,
+        and Redis runs them in that order, so the board's sequence follows the queue's order.
+        When the pipeline fails as a whole (Redis unreachable) nothing has been settled yet:
+        the error propagates and the caller hands the deliveries to `handle` one by one.
+        """
+        started = time.perf_counter()
+        prepared = [self._prepare(delivery) for delivery in deliveries]
+        steps = [step for step in prepared if isinstance(step, _Step)]
+        try:
+            results = await self._relay_all(steps)
+        except BaseException as exc:
+            for step in steps:
+                step.span.end()
+            if isinstance(exc, Exception):
+                raise BatchNotRelayed(f"the relay pipeline failed: {exc!r}") from exc
+            raise
+        relayed = sum(1 for result in results if not isinstance(result, BaseException))
+        fault_at = self._settings.worker_fault_exit_after_relay
+        if self._relayed < fault_at <= self._relayed + relayed:
+            os._exit(137)  # the fault hook: die between the Redis step and the ack
+        self._relayed += relayed
+        outcomes: list[Outcome] = []
+        by_step = dict(zip((id(step) for step in steps), results, strict=True))
+        for item in prepared:
+            if isinstance(item, _Step):
+                outcome = await self._settle(item, by_step[id(item)])
+            else:
+                outcome = await self._dead_letter_malformed(item)
+            self._metrics.events.labels(outcome).inc()
+            outcomes.append(outcome)
+        elapsed = time.perf_counter() - started
+        for _ in outcomes:
+            self._metrics.duration.observe(elapsed)
+        return outcomes
+
+    def _prepare(self, delivery: Delivery) -> _Step | _Malformed:
         try:
             envelope = decode_envelope(delivery.body)
         except MalformedEnvelope as exc:
-            # Retrying cannot fix a body: it goes to the DLQ at once, with the reason.
-            log.error("dead-lettering a malformed envelope", reason=str(exc))
-            await delivery.dead_letter(str(exc))
-            return "dead_lettered"
-
-        parent = extract_trace_context(envelope.trace_context)
-        with tracer.start_as_current_span(
+            return _Malformed(delivery, str(exc))
+        self._metrics.lag.observe(max(0.0, (utcnow() - envelope.occurred_at).total_seconds()))
+        span = tracer.start_span(
             "relay board event",
-            context=parent,
+            context=extract_trace_context(envelope.trace_context),
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "board.id": envelope.board_id,
                 "messaging.message.id": str(envelope.event_id),
+                "messaging.message.conversation_id": envelope.correlation_id,
+                "messaging.rabbitmq.attempt": delivery.attempts + 1,
             },
-        ):
-            traced = envelope.model_copy(update={"trace_context": inject_trace_context()})
-            body = activity_body(traced, utcnow())
-            bound = log.bind(board_id=envelope.board_id, correlation_id=envelope.correlation_id)
+        )
+        with trace.use_span(span, end_on_exit=False):
+            # The edges' spans hang off this one; without a tracer here, pass the ingress's on.
+            carrier = inject_trace_context() or envelope.trace_context
+        traced = envelope.model_copy(update={"trace_context": carrier})
+        return _Step(delivery, envelope, activity_body(traced, utcnow()), span)
+
+    async def _relay_all(self, steps: list[_Step]) -> list[RelayOutcome | BaseException]:
+        if not steps:
+            return []
+        ttl = self._settings.redis_idempotency_ttl_seconds
+        relay_many = getattr(self._store, "relay_many", None)
+        if relay_many is not None and len(steps) > 1:
+            batch = [(s.envelope.board_id, s.envelope.correlation_id, s.body) for s in steps]
+            # The pipeline's own spans (Redis instrumentation) hang off the batch's first event.
+            with trace.use_span(steps[0].span, end_on_exit=False):
+                return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
+        results: list[RelayOutcome | BaseException] = []
+        for step in steps:
             try:
-                result = await self._store.relay(
-                    envelope.board_id,
-                    envelope.correlation_id,
-                    body,
-                    self._settings.redis_idempotency_ttl_seconds,
-                )
+                with trace.use_span(step.span, end_on_exit=False):
+                    results.append(
+                        await self._store.relay(
+                            step.envelope.board_id, step.envelope.correlation_id, step.body, ttl
+                        )
+                    )
             except Exception as exc:  # any store failure: the broker retries the message
-                reason = f"{type(exc).__name__}: {exc}"
+                results.append(exc)
+        return results
+
+    async def _dead_letter_malformed(self, malformed: _Malformed) -> Outcome:
+        # Retrying cannot fix a body: it goes to the DLQ at once, with the reason.
+        log.error("dead-lettering a malformed envelope", reason=malformed.reason)
+        await malformed.delivery.dead_letter(malformed.reason)
+        return "dead_lettered"
+
+    async def _settle(self, step: _Step, result: RelayOutcome | BaseException) -> Outcome:
+        delivery, envelope, span = step.delivery, step.envelope, step.span
+        with trace.use_span(span, end_on_exit=True):
+            if isinstance(result, BaseException):
+                bound = log.bind(board_id=envelope.board_id, correlation_id=envelope.correlation_id)
+                reason = f"{type(result).__name__}: {result}"
+                span.record_exception(result)
+                span.set_status(trace.StatusCode.ERROR, reason)
                 if delivery.attempts >= self._settings.rabbitmq_max_retries:
                     bound.error(
                         "dead-lettering after the last retry",
@@ -122,13 +202,39 @@ class Relay:
                 await delivery.retry(reason)
                 return "retried"
 
-            self._relayed += 1
-            if self._relayed == self._settings.worker_fault_exit_after_relay:
-                os._exit(137)  # the fault hook: die between the Redis step and the ack
             await delivery.ack()
             if not result.delivered:
-                bound.info("duplicate skipped", sequence=result.sequence)
+                span.set_attribute("relay.outcome", "duplicate")
+                log.info(
+                    "duplicate skipped",
+                    board_id=envelope.board_id,
+                    correlation_id=envelope.correlation_id,
+                    sequence=result.sequence,
+                )
                 return "duplicate"
+            span.set_attributes(
+                {
+                    "relay.outcome": "delivered",
+                    "board.sequence": result.sequence,
+                    "relay.receivers": result.receivers,
+                }
+            )
             if result.receivers == 0:
                 self._metrics.unheard.inc()
             return "delivered"
+
+
+@dataclass(slots=True)
+class _Step:
+    """A decoded delivery, its activity body and its span, waiting for its relay step."""
+
+    delivery: Delivery
+    envelope: BoardEventEnvelope
+    body: bytes
+    span: Span
+
+
+@dataclass(slots=True)
+class _Malformed:
+    delivery: Delivery
+    reason: str

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from envelope.observability import configure_logging, configure_tracing
 from envelope.service import serve
+from envelope.settings import load_settings
 
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = load_settings(GatewaySettings)
     configure_logging("sse-gateway", settings.log_level)
     configure_tracing(settings, "sse-gateway")
     app = create_app(settings)

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+import orjson
 import redis.asyncio as redis
 import structlog
 from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryTransport
 from envelope.models import BOARD_ID_PATTERN
+from envelope.security import rate_limit_exceeded
 from envelope.service import add_operations
 from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from slowapi import Limiter, _rate_limit_exceeded_handler
+from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
-from slowapi.middleware import SlowAPIMiddleware
+from slowapi.middleware import SlowAPIASGIMiddleware
 from slowapi.util import get_remote_address
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from sse_gateway.settings import GatewaySettings
 from sse_gateway.streams import (
@@ -36,6 +39,32 @@ from sse_gateway.streams import (
 
 log = structlog.get_logger("sse_gateway")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def until_expiry(events: AsyncIterator[object], expires_at: float) -> AsyncIterator[object]:
+    """The stream until its credential's `exp`, then a `close` event and the end.
+
+    EventSource reconnects on its own; with the expired credential it then gets 401 and stops.
+    """
+    try:
+        while (remaining := expires_at - time.time()) > 0:
+            try:
+                # In this task (no task per event): on timeout the generator is cancelled at
+                # its await and its subscription released.
+                async with asyncio.timeout(remaining):
+                    item = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                break
+            yield item
+        yield ServerSentEvent(
+            orjson.dumps({"reason": "token_expired", "detail": "authenticate again"}).decode(),
+            event="close",
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = None) -> FastAPI:
@@ -64,6 +93,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             hub: ActivityHub[bytes] = ActivityHub(
                 store, render_board=live_board_frame(metrics), render_activity=activity_frame
             )
+            hub.on_event = metrics.delivery.on_event
             hubs["hub"] = hub
             task = asyncio.create_task(hub.run())
             try:
@@ -80,8 +110,8 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
     app = FastAPI(title="sse-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.limiter = limiter
     app.state.drain = drain
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
-    app.add_middleware(SlowAPIMiddleware)
+    app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded)
+    app.add_middleware(SlowAPIASGIMiddleware)  # pure ASGI: no BaseHTTPMiddleware around SSE
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -116,7 +146,9 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
         if len(open_streams) >= settings.sse_max_connections:
             raise HTTPException(503, "This gateway is at its connection limit; retry shortly.")
 
-    def respond(route: str, events: AsyncIterator[object]) -> EventSourceResponse:
+    def respond(
+        route: str, events: AsyncIterator[object], principal: Principal
+    ) -> EventSourceResponse:
         gauge = metrics.connections.labels(route)
 
         token = object()
@@ -125,8 +157,12 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             gauge.inc()
             open_streams.add(token)
             try:
-                async for item in events:
-                    yield item
+                if principal.expires_at is None:
+                    async for item in events:
+                        yield item
+                else:
+                    async for item in until_expiry(events, principal.expires_at):
+                        yield item
             finally:
                 gauge.dec()
                 open_streams.discard(token)
@@ -152,9 +188,14 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             raise HTTPException(403, "This token does not grant the board.")
         admit()
         events = board_stream(
-            hubs["hub"], metrics, board_id, cursor_of(request), settings.sse_send_queue
+            hubs["hub"],
+            metrics,
+            board_id,
+            cursor_of(request),
+            settings.sse_send_queue,
+            send_timeout=settings.sse_send_timeout_seconds,
         )
-        return respond("board", events)
+        return respond("board", events, principal)
 
     @app.get("/sse/activity")
     @limiter.limit(settings.activity_stream_rate_limit)
@@ -162,8 +203,13 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
         principal = authenticate(request)
         admit()
         events = activity_stream(
-            hubs["hub"], metrics, principal.boards, cursor_of(request), settings.sse_send_queue
+            hubs["hub"],
+            metrics,
+            principal.boards,
+            cursor_of(request),
+            settings.sse_send_queue,
+            send_timeout=settings.sse_send_timeout_seconds,
         )
-        return respond("activity", events)
+        return respond("activity", events, principal)
 
     return app

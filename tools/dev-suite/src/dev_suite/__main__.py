@@ -54,6 +54,9 @@ class DevSuite:
 def create_suite(transport: MemoryTransport | None = None) -> DevSuite:
     transport = transport or MemoryTransport()
     ingress = IngressSettings(event_transport="memory")
+    if "sse_public_url" not in ingress.model_fields_set:
+        # `/sse/` is served on this same port: an empty URL makes the page use its own origin.
+        ingress = ingress.model_copy(update={"sse_public_url": ""})
     gateway = GatewaySettings(event_transport="memory")
     worker = WorkerSettings(event_transport="memory")
     return DevSuite(

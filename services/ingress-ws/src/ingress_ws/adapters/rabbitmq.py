@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import socket
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from envelope.models import BoardEventEnvelope
 from envelope.topology import Topology
 
 from ingress_ws.publisher import PublishUnavailable
+
+# A publish the broker neither confirms nor refuses within this long (a connection that
+# died silently, a broker blocking publishers on a resource alarm) is answered `unavailable`;
+# the client resends with the same id, and the relay's idempotency makes that safe.
+CONFIRM_TIMEOUT_SECONDS = 15.0
+
+log = structlog.get_logger("ingress_ws")
 
 
 class RabbitPublisher:
@@ -24,7 +35,9 @@ class RabbitPublisher:
     async def connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self._url,
-            client_properties={"connection_name": f"ingress-ws {socket.gethostname()}"},
+            client_properties={
+                "connection_name": f"ingress-ws {socket.gethostname()} pid {os.getpid()}"
+            },
         )
         # Confirms tell us the broker has the message; mandatory + on_return_raises turn an
         # unroutable publish (no queue bound yet) into an error instead of a silent drop.
@@ -34,6 +47,32 @@ class RabbitPublisher:
         self._exchange = await self._channel.declare_exchange(
             self._topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        await self._declare_partition_queues()
+
+    async def _declare_partition_queues(self) -> None:
+        """Durable partition queues, bound, as the worker declares them: an event acked before
+        any worker ever ran waits in its queue instead of being refused as unroutable."""
+        assert self._connection is not None
+        topology = self._topology
+        channel = await self._connection.channel()
+        try:
+            for partition in range(topology.partitions):
+                queue = await channel.declare_queue(
+                    topology.partition_queue(partition),
+                    durable=True,
+                    arguments=topology.partition_queue_arguments,
+                )
+                await queue.bind(topology.exchange, topology.partition_routing_key(partition))
+        except AMQPError as exc:
+            # Queues that exist with other arguments (an older deployment): publishing still
+            # works through them, and an unroutable publish is still refused, never lost.
+            log.warning(
+                "could not declare the partition queues; publishing through what exists",
+                error=repr(exc),
+            )
+        finally:
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError):
+                await channel.close()
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -41,9 +80,11 @@ class RabbitPublisher:
 
     @property
     def ready(self) -> bool:
+        # A robust connection is not "closed" while it reconnects: `connected` tells.
         return (
             self._connection is not None
             and not self._connection.is_closed
+            and self._connection.connected.is_set()
             and self._channel is not None
             and not self._channel.is_closed
         )
@@ -62,10 +103,19 @@ class RabbitPublisher:
             headers=dict(headers),
         )
         try:
-            await self._exchange.publish(
-                message, routing_key=self._topology.routing_key(envelope.board_id), mandatory=True
-            )
-        except (TimeoutError, DeliveryError, PublishError, AMQPError, ConnectionError) as exc:
+            # mandatory + on_return_raises: a message no queue takes raises instead of vanishing.
+            async with asyncio.timeout(CONFIRM_TIMEOUT_SECONDS):
+                await self._exchange.publish(
+                    message,
+                    routing_key=self._topology.routing_key(envelope.board_id),
+                    mandatory=True,
+                )
+        except (
+            TimeoutError,
+            AMQPError,  # DeliveryError and PublishError (nack, return) included
+            ChannelInvalidStateError,  # the channel closed under the publish
+            ConnectionError,
+        ) as exc:
             raise PublishUnavailable(
                 f"RabbitMQ did not confirm the publish: {type(exc).__name__}"
             ) from exc

@@ -43,10 +43,7 @@ async def declare_topology(
         queue = await channel.declare_queue(
             topology.partition_queue(partition),
             durable=True,
-            arguments={
-                "x-single-active-consumer": True,
-                "x-dead-letter-exchange": topology.retry_exchange,
-            },
+            arguments=topology.partition_queue_arguments,
         )
         await queue.bind(exchange, topology.partition_routing_key(partition))
     retry = await channel.declare_queue(
@@ -119,11 +116,16 @@ class AmqpDelivery:
 async def partition_messages(
     connection: AbstractRobustConnection, queue_name: str, prefetch: int
 ) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
-    """A channel of its own per partition: closing it hands every unacked message back in order."""
+    """A channel of its own per partition: closing it hands every unacked message back in order.
+
+    The queue is declared (passively) on the channel, not merely named: only a declared queue
+    is restored with its consumer when the robust connection reconnects. A queue that is
+    just named keeps a consumer that silently never receives again.
+    """
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     try:
         await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(queue_name, ensure=False)
+        queue = await channel.declare_queue(queue_name, passive=True)
         yield channel, queue
     finally:
         with contextlib.suppress(Exception):

@@ -1,0 +1,258 @@
+"""The activity hub on the memory transport: order, de-duplication, gap filling, catch-up
+after a lost subscription, a reset when Redis lost its data, bounded client queues, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from envelope import codec
+from envelope.codec import RelayedEvent
+from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
+from envelope.memory import MemoryStore, RelayOutcome
+from envelope.models import BoardEventEnvelope
+
+
+def body(board_id: str, correlation_id: str) -> bytes:
+    envelope = BoardEventEnvelope(
+        event_id=uuid.uuid4(),
+        correlation_id=correlation_id,
+        board_id=board_id,
+        type="note.created",
+        payload={},
+        sender="s",
+        occurred_at=datetime.now(UTC),
+    )
+    return codec.activity_body(envelope, datetime.now(UTC))
+
+
+class FaultyStore(MemoryStore):
+    """The memory store with the faults of a real pub/sub connection, on demand: frames that
+    never arrive (`muted`), a subscription that breaks (`break_feed`), or a frame that
+    arrives twice (`echo`)."""
+
+    def __init__(self, retention: int = 10_000) -> None:
+        super().__init__(retention)
+        self.muted = False
+        self.echo = False
+        self.subscriptions = 0
+        self._broken = asyncio.Event()
+
+    async def relay(
+        self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
+    ) -> RelayOutcome:
+        subscribers = self._subscribers
+        if self.muted:
+            self._subscribers = set()
+        try:
+            outcome = await super().relay(board_id, correlation_id, body, ttl_seconds)
+        finally:
+            self._subscribers = subscribers
+        if self.echo and not self.muted:
+            frame = RelayedEvent(outcome.stream_id, board_id, outcome.sequence, b"{}").to_frame()
+            for queue in subscribers:
+                queue.put_nowait(frame)
+        return outcome
+
+    def break_feed(self) -> None:
+        self._broken.set()
+
+    @contextlib.asynccontextmanager
+    async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.subscriptions += 1
+        async with super().feed() as frames:
+            yield self._until_broken(frames)
+
+    async def _until_broken(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        while True:
+            next_frame = asyncio.ensure_future(anext(frames))
+            broken = asyncio.ensure_future(self._broken.wait())
+            done, _ = await asyncio.wait({next_frame, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if broken in done:
+                next_frame.cancel()
+                self._broken.clear()
+                raise ConnectionError("the subscription connection was reset")
+            broken.cancel()
+            yield next_frame.result()
+
+    def lose_everything(self) -> None:
+        """What a Redis restart without persistence does."""
+        self._seen.clear()
+        self._sequences.clear()
+        self._boards.clear()
+        self._activity.clear()
+
+
+@pytest.fixture
+async def store() -> FaultyStore:
+    return FaultyStore()
+
+
+@pytest.fixture
+async def hub(store: FaultyStore) -> AsyncIterator[ActivityHub[int]]:
+    running: ActivityHub[int] = ActivityHub(
+        store,
+        render_board=lambda e: e.sequence,
+        render_activity=lambda e: e.sequence,
+        retry_seconds=0.01,
+    )
+    task = asyncio.create_task(running.run())
+    await asyncio.wait_for(running.connected.wait(), 5)
+    yield running
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def send(store: MemoryStore, board_id: str, count: int, prefix: str = "") -> None:
+    for n in range(count):
+        await store.relay(
+            board_id, f"{prefix}{board_id}-{n}-{uuid.uuid4().hex[:6]}", body(board_id, "x"), 300
+        )
+
+
+async def take(subscription: Subscription[int], count: int) -> list[int]:
+    got = []
+    async with asyncio.timeout(5):
+        while len(got) < count:
+            event, rendered = await subscription.next()
+            assert rendered == event.sequence
+            got.append(event.sequence)
+    return got
+
+
+async def nothing_more(subscription: Subscription[int]) -> None:
+    await asyncio.sleep(0.05)
+    assert subscription.queue.empty(), [item[0].sequence for item in subscription.queue._queue]  # type: ignore[attr-defined]
+
+
+async def test_events_reach_board_and_activity_subscribers_in_order(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with (
+        hub.subscribe_board("a", 100) as board_a,
+        hub.subscribe_activity(None, 100) as everything,
+        hub.subscribe_activity(frozenset({"b"}), 100) as only_b,
+    ):
+        await send(store, "a", 3)
+        await send(store, "b", 2)
+        assert await take(board_a, 3) == [1, 2, 3]
+        assert await take(everything, 5) == [1, 2, 3, 1, 2]
+        assert await take(only_b, 2) == [1, 2]
+        await nothing_more(board_a)
+
+
+async def test_a_frame_seen_twice_is_delivered_once(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    store.echo = True
+    with hub.subscribe_board("a", 100) as subscription:
+        await send(store, "a", 3)
+        assert await take(subscription, 3) == [1, 2, 3]
+        await nothing_more(subscription)
+
+
+async def test_a_missed_frame_is_filled_from_the_board_stream(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with hub.subscribe_board("a", 100) as subscription:
+        await send(store, "a", 2)
+        assert await take(subscription, 2) == [1, 2]
+        store.muted = True
+        await send(store, "a", 3)  # 3, 4, 5 never arrive live
+        store.muted = False
+        await send(store, "a", 1)  # 6 arrives and reveals the gap
+        assert await take(subscription, 4) == [3, 4, 5, 6]
+        await nothing_more(subscription)
+
+
+async def test_after_a_lost_subscription_the_hub_catches_up_without_gaps_or_repeats(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with hub.subscribe_board("a", 100) as board_a, hub.subscribe_board("b", 100) as board_b:
+        await send(store, "a", 2)
+        assert await take(board_a, 2) == [1, 2]
+        # The connection drops, and while the hub is away, events are relayed.
+        store.muted = True
+        store.break_feed()
+        await send(store, "a", 2)
+        await send(store, "b", 2)
+        store.muted = False
+        async with asyncio.timeout(5):
+            while store.subscriptions < 2:
+                await asyncio.sleep(0.01)
+        await send(store, "a", 1)
+        assert await take(board_a, 3) == [3, 4, 5]
+        # A board whose first events all came during the outage: caught up from the stream.
+        assert await take(board_b, 2) == [1, 2]
+        await nothing_more(board_a)
+        await nothing_more(board_b)
+
+
+async def test_when_redis_loses_its_data_subscribers_are_told_to_reset(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with hub.subscribe_board("a", 100) as subscription:
+        await send(store, "a", 3)
+        assert await take(subscription, 3) == [1, 2, 3]
+        store.lose_everything()
+        await asyncio.sleep(0.01)  # stream ids are milliseconds: the new ones are newer
+        await send(store, "a", 2, prefix="again-")
+        with pytest.raises(HistoryLost):
+            await asyncio.wait_for(subscription.next(), 5)
+        assert await take(subscription, 2) == [1, 2]  # the new history, from its start
+
+
+async def test_a_slow_consumer_overflows_without_slowing_others_or_growing(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with hub.subscribe_board("a", 5) as slow, hub.subscribe_board("a", 100) as fast:
+        await send(store, "a", 20)
+        assert await take(fast, 20) == list(range(1, 21))
+        assert slow.overflowed and slow.overflow.is_set()
+        assert slow.queue.qsize() <= 5
+        with pytest.raises(SlowConsumer):
+            await slow.next()
+
+
+async def test_replay_of_a_board_after_a_cursor_and_its_reset_signals(store: FaultyStore) -> None:
+    small = FaultyStore(retention=10)
+    hub: ActivityHub[int] = ActivityHub(small, render_board=int, render_activity=int)
+    await send(small, "a", 25)  # only 16..25 retained
+
+    kept = await hub.replay_board("a", 20)
+    assert [e.sequence for e in kept.events] == [21, 22, 23, 24, 25] and not kept.expired
+
+    expired = await hub.replay_board("a", 3)
+    assert expired.expired and expired.oldest_cursor == "16"
+    assert [e.sequence for e in expired.events] == list(range(16, 26))
+
+    # A cursor past the newest event comes from a history that is gone: reset, everything.
+    from_lost_history = await hub.replay_board("a", 90)
+    assert from_lost_history.expired
+    assert [e.sequence for e in from_lost_history.events] == list(range(16, 26))
+
+    assert not (await hub.replay_board("a", 25)).expired
+    assert (await hub.replay_board("a", 25)).events == []
+
+
+async def test_replay_of_the_activity_stream_after_a_cursor(store: FaultyStore) -> None:
+    small = FaultyStore(retention=10)
+    hub: ActivityHub[int] = ActivityHub(small, render_board=int, render_activity=int)
+    await send(small, "a", 5)
+    first_five = await small.activity_after("0-0")
+    await send(small, "b", 10)
+
+    expired = await hub.replay_activity(first_five[1].stream_id)
+    assert expired.expired and len(expired.events) == 10
+
+    oldest, newest = await small.activity_head()
+    kept = await hub.replay_activity(oldest)
+    assert not kept.expired and len(kept.events) == 9 and kept.events[-1].stream_id == newest
+
+    future = await hub.replay_activity("99999999999999-0")
+    assert future.expired and len(future.events) == 10

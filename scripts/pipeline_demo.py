@@ -1,0 +1,13 @@
+"""The seed's pipeline demo, kept for its readers: it runs `realtime-probe` (ingress_ws.probe).
+
+Same arguments and exit codes: `uv run python scripts/pipeline_demo.py --count 3 --json`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ingress_ws.probe import main
+
+if __name__ == "__main__":
+    sys.exit(main())
