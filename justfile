@@ -90,3 +90,13 @@ down:
 [group('check')]
 lint-deploy:
     bash scripts/check-deploy.sh
+
+# The suite against the textbook baseline (15-20 min): bench/results/<date>.{json,md,png}.
+[group('bench')]
+bench *args: setup
+    {{uv}} run --group bench python -m bench --profile {{args}}
+
+# A smoke run of every scenario (about 4 min), into bench/results/tmp/.
+[group('bench')]
+bench-quick *args: setup
+    {{uv}} run --group bench python -m bench --quick --out bench/results/tmp {{args}}
