@@ -32,6 +32,9 @@ StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 # the reply within as long again: a connection dropped without a reset cannot go unnoticed.
 LIVENESS_SECONDS = 5.0
 LIVENESS_PING = "advanced-feed-liveness"
+# A catch-up or gap-filling read that takes longer is treated as a lost connection (a
+# TimeoutError is an OSError): the hub resubscribes and catches up again.
+READ_TIMEOUT_SECONDS = 30.0
 
 
 class ActivityStore(Protocol):
@@ -324,7 +327,9 @@ class ActivityHub(Generic[T]):
         while True:
             try:
                 async with self._store.feed() as frames:
-                    await self._catch_up()
+                    # Bounded: a silently dead connection must not stall the hub for good.
+                    async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                        await self._catch_up()
                     self.connected.set()
                     async for frame in frames:
                         try:
@@ -370,7 +375,9 @@ class ActivityHub(Generic[T]):
         if last is not None and event.sequence > last + 1:
             # Frames arrive in order on one connection, so a gap means we reconnected or the
             # catch-up met a trimmed activity stream: the board's own stream has the rest.
-            for missed in await self._store.board_after(event.board_id, last):
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                missing = await self._store.board_after(event.board_id, last)
+            for missed in missing:
                 if missed.sequence >= event.sequence:
                     break
                 self._dispatch(missed)
