@@ -13,15 +13,23 @@ from support.processes import Suite
 TOKEN = "e2e-" + "token-for-tests"
 
 
+BROKERS_USED: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def brokers() -> Iterator[Brokers]:
     with provide_brokers(
         os.environ.get("ADVANCED_RABBITMQ_URL"), os.environ.get("ADVANCED_REDIS_URL")
     ) as found:
-        print(
-            f"\n[brokers] {found.mode}: rabbitmq={re.sub(r':[^:@/]+@', ':***@', found.rabbitmq_url)} redis={found.redis_url}"
-        )
+        rabbitmq = re.sub(r":[^:@/]+@", ":***@", found.rabbitmq_url)
+        BROKERS_USED.append(f"{found.mode}: rabbitmq={rabbitmq} redis={found.redis_url}")
         yield found
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which brokers the broker tests ran against (testcontainers or configured)."""
+    for line in BROKERS_USED:
+        terminalreporter.write_line(f"[brokers] {line}")
 
 
 @pytest.fixture
