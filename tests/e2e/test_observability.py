@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis
 from conftest import TOKEN
+from deploy.test_config_drift import DOCUMENTED_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 from support.brokers import Brokers, Names
 from support.clients import board, sse
@@ -57,6 +58,7 @@ EXPORTED = {
         "advanced_worker_publishes_without_subscribers_total",
     ],
 }
+PROMETHEUS_OWN = {"up", "probe_success"}  # added by Prometheus and its blackbox exporter
 REDIS_SCOPE = "opentelemetry.instrumentation.redis"
 AMQP_SCOPE = "opentelemetry.instrumentation.aio_pika"
 
@@ -318,6 +320,11 @@ async def test_metrics_move_as_events_flow(suite: Suite) -> None:
     for kind, names in EXPORTED.items():
         missing = set(names) - before[kind].declared
         assert not missing, f"{kind} does not export {sorted(missing)}"
+    # The dashboard and the alert rules may query only DOCUMENTED_METRICS (tests/deploy checks
+    # that); each of those must be in a real scrape, so every panel shows something.
+    exported = set().union(*(scrape.declared for scrape in before.values()))
+    unexported = DOCUMENTED_METRICS - PROMETHEUS_OWN - exported
+    assert not unexported, f"dashboards or alerts query metrics no service exports: {unexported}"
 
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{ingress.url}/")).status_code == 200
