@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from envelope.observability import instrument_app
@@ -22,6 +22,17 @@ from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+
+def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:
+    """`occurred_at` to the socket write, on both edges (label `transport`: websocket, sse)."""
+    return Histogram(
+        "advanced_delivery_latency_seconds",
+        "From the ingress receiving an event to its write on a subscriber's socket.",
+        ["transport"],
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        registry=registry,
+    )
 
 
 def add_operations(

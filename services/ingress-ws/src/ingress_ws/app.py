@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as redis
 import structlog
@@ -232,6 +233,14 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if settings.session_cookie_secure is not None
         else settings.environment != "development"
     )
+    # The same attributes on set and delete, or browsers keep the old cookie.
+    cookie_attributes: dict[str, Any] = {
+        "path": "/",
+        "domain": settings.session_cookie_domain,
+        "secure": cookie_secure,
+        "httponly": True,
+        "samesite": "strict",
+    }
 
     def refuse(status: int, detail: str) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -269,11 +278,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             SESSION_COOKIE,
             value,
             max_age=max(int(expires_at - time.time()), 0),
-            path="/",
-            domain=settings.session_cookie_domain,
-            secure=cookie_secure,
-            httponly=True,
-            samesite="strict",
+            **cookie_attributes,
         )
         return response
 
@@ -282,14 +287,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if not page_origin_allowed(request):
             return refuse(403, "This origin may not end sessions.")
         response = Response(status_code=204, headers={"Cache-Control": "no-store"})
-        response.delete_cookie(
-            SESSION_COOKIE,
-            path="/",
-            domain=settings.session_cookie_domain,
-            secure=cookie_secure,
-            httponly=True,
-            samesite="strict",
-        )
+        response.delete_cookie(SESSION_COOKIE, **cookie_attributes)
         return response
 
     @app.websocket("/ws/boards/{board_id}")

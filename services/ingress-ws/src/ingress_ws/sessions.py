@@ -25,6 +25,7 @@ from envelope.models import (
     utcnow,
 )
 from envelope.observability import DeliveryTracker, inject_trace_context
+from envelope.service import delivery_latency_histogram
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -83,13 +84,7 @@ class IngressMetrics:
             ["code"],
             registry=registry,
         )
-        self.latency = Histogram(
-            "advanced_delivery_latency_seconds",
-            "From the ingress receiving an event to its write on a subscriber's socket.",
-            ["transport"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=registry,
-        )
+        self.latency = delivery_latency_histogram(registry)
         self.replayed = Counter(
             "advanced_websocket_replayed_events",
             "Events sent from the board's stream on resume.",

@@ -10,7 +10,8 @@ import structlog
 from envelope.codec import RelayedEvent
 from envelope.feed import ActivityHub, HistoryLost, Replay, SlowConsumer, stream_id_key
 from envelope.observability import DeliveryTracker
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from envelope.service import delivery_latency_histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from sse_starlette import ServerSentEvent
 
 log = structlog.get_logger("sse_gateway")
@@ -43,13 +44,7 @@ class GatewayMetrics:
             "Streams cut because the client fell behind.",
             registry=registry,
         )
-        self.latency = Histogram(
-            "advanced_delivery_latency_seconds",
-            "From the ingress receiving an event to its write on a subscriber's socket.",
-            ["transport"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=registry,
-        )
+        self.latency = delivery_latency_histogram(registry)
         # One span per event fanned out here; latency observed at each stream write.
         self.delivery = DeliveryTracker("sse", self.latency.labels("sse").observe)
 
