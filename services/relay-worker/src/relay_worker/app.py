@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import aio_pika
 import redis.asyncio as redis
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 from envelope.memory import MemoryTransport
 from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
@@ -26,10 +28,19 @@ from relay_worker.settings import WorkerSettings
 log = structlog.get_logger("relay_worker")
 
 
+@dataclass
+class WorkerRuntime:
+    """What the lifespan opens and readiness reads; empty until each part is up."""
+
+    connection: AbstractRobustConnection | None = None
+    consumer: PartitionedConsumer | None = None
+    redis_up: Callable[[], Awaitable[bool]] | None = None
+
+
 def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = None) -> FastAPI:
     registry = CollectorRegistry()
     metrics = RelayMetrics(registry)
-    state: dict[str, object] = {}
+    runtime = WorkerRuntime()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +51,6 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 task = asyncio.create_task(
                     consume_memory(transport.broker, relay, settings.rabbitmq_retry_delay_ms / 1000)
                 )
-                state["ready"] = lambda: True
                 yield
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -71,7 +81,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 except (redis.RedisError, OSError):
                     return False
 
-            state["redis_up"] = redis_up
+            runtime.redis_up = redis_up
 
             async def connect() -> None:
                 # A name per process, so an operator (or a fault test) can tell workers apart.
@@ -87,14 +97,15 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 except BaseException:
                     await connection.close()
                     raise
-                state["connection"] = connection
+                runtime.connection = connection
 
             async def consume() -> None:
                 # RabbitMQ may be down when the worker starts: keep trying, /readyz says 503
                 # meanwhile, and /healthz answers from the start.
                 await keep_trying(connect, "RabbitMQ", log)
+                assert runtime.connection is not None
                 consumer = PartitionedConsumer(
-                    state["connection"],  # type: ignore[arg-type]
+                    runtime.connection,
                     relay,
                     leases,
                     settings.topology,
@@ -103,7 +114,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                     registry=registry,
                     store_available=redis_up,
                 )
-                state["consumer"] = consumer
+                runtime.consumer = consumer
                 log.info(
                     "relay worker started",
                     worker_id=worker_id,
@@ -119,28 +130,23 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                consumer = state.get("consumer")
-                if isinstance(consumer, PartitionedConsumer):
-                    await consumer.drain()
-                connection = state.get("connection")
-                if connection is not None:
-                    await connection.close()  # type: ignore[attr-defined]
+                if runtime.consumer is not None:
+                    await runtime.consumer.drain()
+                if runtime.connection is not None:
+                    await runtime.connection.close()
 
     app = FastAPI(title="relay-worker", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     async def readiness() -> dict[str, bool]:
         if settings.event_transport == "memory":
             return {"rabbitmq_connected": True, "redis_connected": True}
-        connection = state.get("connection")
-        redis_up = state.get("redis_up")
+        connection = runtime.connection
         # A robust connection is not "closed" while it reconnects; `connected` says whether
         # it is up right now.
         rabbit = bool(
-            connection is not None
-            and not connection.is_closed  # type: ignore[attr-defined]
-            and connection.connected.is_set()  # type: ignore[attr-defined]
+            connection is not None and not connection.is_closed and connection.connected.is_set()
         )
-        redis_ok = bool(redis_up is not None and await redis_up())  # type: ignore[operator]
+        redis_ok = runtime.redis_up is not None and await runtime.redis_up()
         return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok}
 
     add_operations(app, settings, registry, readiness)
