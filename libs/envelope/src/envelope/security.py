@@ -201,6 +201,7 @@ def hardened_websocket_protocol(
         _idle_timer: asyncio.TimerHandle | None = None
         _ping_times: list[float]
         _last_received = 0.0
+        _handshake_held = True
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -278,6 +279,14 @@ def hardened_websocket_protocol(
                     self._fail(1007, "invalid UTF-8")
                     return
             super().send_receive_event_to_app()
+
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if self.handshake_complete and self._handshake_held:
+                # uvicorn keeps the handshake's request and response (their headers) for the
+                # connection's whole life, unused once it is accepted: ~5 KiB per socket.
+                self._handshake_held = False
+                del self.request, self.response
 
         def handle_ping(self) -> None:
             output = self.conn.data_to_send()

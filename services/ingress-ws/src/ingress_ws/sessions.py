@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
+from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.auth import Principal
 from envelope.codec import InvalidFrame, RelayedEvent
@@ -39,7 +40,7 @@ from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, PublishUnavailable
 from ingress_ws.settings import IngressSettings
 
-log = structlog.get_logger("ingress_ws")
+log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
 tracer = trace.get_tracer("ingress_ws")
 
 CLOSE_GOING_AWAY = 1001
@@ -102,11 +103,14 @@ class IngressMetrics:
 
 
 class MessageBudget:
-    """The WebSocket message limits (slowapi covers HTTP routes only), on `limits`' moving window.
+    """The WebSocket message limits (slowapi covers HTTP routes only).
 
-    The storage is Redis with the RabbitMQ transport, so a per-client budget holds across ingress
-    replicas; if Redis stops answering, counting falls back to this process's memory rather than
-    letting every frame through or refusing them all.
+    A connection's budget is a leaky bucket in this process (aiolimiter: up to the limit in a
+    burst, refilled at the limit's rate): the socket lives here, and a Redis round trip per
+    frame would cost the ingress more than the frame's own publish. The optional per-client
+    budget spans sockets and replicas, so it is a `limits` moving window in `storage` (Redis
+    with the RabbitMQ transport); if Redis stops answering, that count falls back to this
+    process's memory rather than letting every frame through or refusing them all.
     """
 
     def __init__(
@@ -116,28 +120,29 @@ class MessageBudget:
         per_client: RateLimitItem | None = None,
     ) -> None:
         self._shared = MovingWindowRateLimiter(storage)
-        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._fallback = MovingWindowRateLimiter(MemoryStorage())
         self._per_connection = per_connection
         self._per_client = per_client
         self._storage_failing = False
 
-    async def allow(self, connection: str, client: str) -> bool:
+    def connection_budget(self) -> AsyncLimiter:
+        return AsyncLimiter(self._per_connection.amount, self._per_connection.get_expiry())
+
+    async def allow(self, connection: AsyncLimiter, client: str) -> bool:
+        if not connection.has_capacity():
+            return False
+        await connection.acquire()  # returns at once: there is capacity
+        if self._per_client is None:
+            return True
         try:
-            allowed = await self._hit(self._shared, connection, client)
+            allowed = await self._shared.hit(self._per_client, "ws-client", client)
         except StorageError as exc:
             if not self._storage_failing:
                 log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
             self._storage_failing = True
-            return await self._hit(self._local, connection, client)
+            return await self._fallback.hit(self._per_client, "ws-client", client)
         self._storage_failing = False
         return allowed
-
-    async def _hit(self, limiter: MovingWindowRateLimiter, connection: str, client: str) -> bool:
-        if not await limiter.hit(self._per_connection, "ws-connection", connection):
-            return False
-        if self._per_client is None:
-            return True
-        return await limiter.hit(self._per_client, "ws-client", client)
 
 
 @dataclass
@@ -167,9 +172,14 @@ class BoardSocket:
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._publishes: set[asyncio.Task[None]] = set()
         self._strikes = 0
+        self._budget = runtime.budget.connection_budget()
         # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
         self.client = websocket.client.host if websocket.client else "unknown"
-        self._log = log.bind(board_id=board_id, sender=self.sender)
+
+    @property
+    def _log(self) -> structlog.stdlib.BoundLogger:
+        # Bound when something is logged, not held by every idle socket.
+        return log.bind(board_id=self.board_id, sender=self.sender)
 
     async def run(self, resume_after: int | None) -> None:
         runtime = self.runtime
@@ -244,7 +254,7 @@ class BoardSocket:
             text = message.get("text")
             # Every frame counts, junk and resume requests included: each costs a reply (a
             # resume up to the whole retained history), so none may come for free.
-            if not await self.runtime.budget.allow(self.sender, self.client):
+            if not await self.runtime.budget.allow(self._budget, self.client):
                 self._strikes += 1
                 if self._strikes >= settings.websocket_rate_limit_strikes:
                     self._log.warning("closing a client that keeps breaking its rate limit")
