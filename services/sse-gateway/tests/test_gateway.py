@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import httpx
@@ -32,37 +33,49 @@ def transport() -> MemoryTransport:
     return MemoryTransport(store=MemoryStore(retention=5))
 
 
-@pytest.fixture
-async def url(transport: MemoryTransport) -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def served(transport: MemoryTransport, **options: object) -> AsyncIterator[str]:
+    """The gateway under a real uvicorn; `served.app` is the last app started."""
     settings = GatewaySettings(
-        _env_file=None,
-        event_transport="memory",
-        realtime_token=TOKEN,
-        environment="test",
-        sse_heartbeat_seconds=0.2,
-        sse_send_queue=8,
-        activity_stream_rate_limit="1000/minute",
+        **{
+            "_env_file": None,
+            "event_transport": "memory",
+            "realtime_token": TOKEN,
+            "environment": "test",
+            "sse_heartbeat_seconds": 0.2,
+            "sse_send_queue": 8,
+            "activity_stream_rate_limit": "1000/minute",
+            **options,
+        }  # type: ignore[arg-type]
     )
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, memory=transport), port=port, log_config=None)
-    )
+    app = create_app(settings, memory=transport)
+    served.app = app  # type: ignore[attr-defined]
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
-async def relay(transport: MemoryTransport, board_id: str, count: int) -> None:
+@pytest.fixture
+async def url(transport: MemoryTransport) -> AsyncIterator[str]:
+    async with served(transport) as url:
+        yield url
+
+
+async def relay(transport: MemoryTransport, board_id: str, count: int, pad: int = 0) -> None:
     for _ in range(count):
         envelope = BoardEventEnvelope(
             event_id=uuid.uuid4(),
             correlation_id=uuid.uuid4().hex,
             board_id=board_id,
             type="note.created",
-            payload={},
+            payload={"pad": "x" * pad} if pad else {},
             sender="s",
             occurred_at=datetime.now(UTC),
         )
@@ -138,3 +151,101 @@ async def test_a_client_that_falls_behind_is_cut_with_a_reason(
         delivered = stream.events.qsize()
     assert closing.json()["reason"] == "slow_consumer"
     assert delivered < 200
+
+
+async def gauge(url: str, route: str = "board") -> float:
+    async with httpx.AsyncClient(base_url=url) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(f'advanced_sse_connections{{route="{route}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def test_an_idle_stream_holds_two_tasks(url: str) -> None:
+    """The request's own task writes and one small task watches for the disconnect."""
+    before = len(asyncio.all_tasks())
+    async with contextlib.AsyncExitStack() as streams:
+        for n in range(5):
+            await streams.enter_async_context(sse(f"{url}/sse/boards/idle-{n}?token={TOKEN}"))
+        await until(lambda: _equals(gauge(url), 5))
+        # Each client adds its own reading task (`SseStream.pump`) on this loop too.
+        per_stream = (len(asyncio.all_tasks()) - before - 5) / 5
+    assert per_stream <= 2
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
+
+
+async def test_a_client_that_leaves_is_noticed_without_a_write(
+    transport: MemoryTransport,
+) -> None:
+    # Heartbeats far apart: only the disconnect watcher can notice the client has gone.
+    async with served(transport, sse_heartbeat_seconds=60) as url:
+        async with sse(f"{url}/sse/boards/leaving?token={TOKEN}"):
+            await until(lambda: _equals(gauge(url), 1))
+        await until(lambda: _equals(gauge(url), 0), 2)
+
+
+async def test_heartbeats_only_while_idle_and_events_keep_flowing(
+    url: str, transport: MemoryTransport
+) -> None:
+    async with sse(f"{url}/sse/boards/beat?token={TOKEN}") as stream:
+        await asyncio.sleep(0.5)
+        idle_beats = stream.comments
+        for _ in range(3):
+            await relay(transport, "beat", 1)
+            await stream.next()
+            await asyncio.sleep(0.3)
+        assert stream.comments > idle_beats  # still beating between events
+    assert idle_beats >= 2
+
+
+async def test_the_drain_ends_every_stream_and_refuses_new_ones(
+    transport: MemoryTransport,
+) -> None:
+    async with served(transport) as url, sse(f"{url}/sse/boards/drain?token={TOKEN}") as stream:
+        await until(lambda: _equals(gauge(url), 1))
+        await served.app.state.drain()  # type: ignore[attr-defined]
+        await until(lambda: _equals(gauge(url), 0), 2)
+        async with asyncio.timeout(2):  # the client read the end of the body
+            while not stream.response.is_stream_consumed:
+                await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.get(f"/sse/boards/drain?token={TOKEN}")
+    assert refused.status_code == 503
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(
+    transport: MemoryTransport,
+) -> None:
+    async with served(transport, sse_send_timeout_seconds=0.5, sse_send_queue=100_000) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        request = f"GET /sse/boards/stall?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        await until(lambda: _equals(gauge(url), 1))
+        try:
+            # Large events until the socket's buffers are full and a write blocks.
+            for _ in range(40):
+                await relay(transport, "stall", 20, pad=20_000)
+                await asyncio.sleep(0.05)
+            await until(lambda: _equals(gauge(url), 0), 5)
+            async with httpx.AsyncClient(base_url=url) as http:
+                text = (await http.get("/metrics")).text
+        finally:
+            sock.close()
+    assert "advanced_sse_slow_consumers_total 1.0" in text

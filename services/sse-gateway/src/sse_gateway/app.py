@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
-import orjson
 import redis.asyncio as redis
 import structlog
 from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
@@ -26,45 +23,27 @@ from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.middleware import SlowAPIASGIMiddleware
 from slowapi.util import get_remote_address
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
 
+from sse_gateway.response import EventStreamResponse, Feed, pass_server_send
 from sse_gateway.settings import GatewaySettings
 from sse_gateway.streams import (
+    ActivityFeed,
+    BoardFeed,
     GatewayMetrics,
     activity_frame,
-    activity_stream,
-    board_stream,
     live_board_frame,
 )
 
 log = structlog.get_logger("sse_gateway")
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def until_expiry(events: AsyncIterator[object], expires_at: float) -> AsyncIterator[object]:
-    """The stream until its credential's `exp`, then a `close` event and the end.
+async def until_server_exit() -> None:
+    """Until uvicorn is told to exit (a signal, or `should_exit` set on the server).
 
-    EventSource reconnects on its own; with the expired credential it then gets 401 and stops.
+    sse-starlette's own watcher: one per process here, instead of an event per stream.
     """
-    try:
-        while (remaining := expires_at - time.time()) > 0:
-            try:
-                # In this task (no task per event): on timeout the generator is cancelled at
-                # its await and its subscription released.
-                async with asyncio.timeout(remaining):
-                    item = await anext(events)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                break
-            yield item
-        yield ServerSentEvent(
-            orjson.dumps({"reason": "token_expired", "detail": "authenticate again"}).decode(),
-            event="close",
-        )
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
+    await EventSourceResponse._listen_for_exit_signal()
 
 
 def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = None) -> FastAPI:
@@ -75,8 +54,14 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
         key_func=get_remote_address,
         default_limits=[settings.rate_limit_default],
     )
-    shutdown = anyio.Event()
     hubs: dict[str, ActivityHub[bytes]] = {}
+    open_streams: set[EventStreamResponse] = set()
+    draining: list[bool] = []
+
+    def end_streams() -> None:
+        draining.append(True)
+        for stream in list(open_streams):
+            stream.end("shutdown")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,16 +81,23 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             hub.on_event = metrics.delivery.on_event
             hubs["hub"] = hub
             task = asyncio.create_task(hub.run())
+
+            async def end_streams_on_exit() -> None:
+                await until_server_exit()
+                end_streams()
+
+            watcher = asyncio.create_task(end_streams_on_exit())
             try:
                 yield
             finally:
-                shutdown.set()
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                end_streams()
+                for background in (task, watcher):
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
 
     async def drain() -> None:
-        shutdown.set()  # every open stream ends; EventSource clients reconnect elsewhere
+        end_streams()  # every open stream ends; EventSource clients reconnect elsewhere
 
     app = FastAPI(title="sse-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.limiter = limiter
@@ -137,42 +129,23 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             credential_from(request.query_params, request.headers, request.cookies)
         )
 
-    open_streams: set[object] = set()
-
     def admit() -> None:
         hub = hubs["hub"]
+        if draining:
+            raise HTTPException(503, "This gateway is shutting down; reconnect to another.")
         if not hub.connected.is_set():
             raise HTTPException(503, "The event feed is not connected; retry shortly.")
         if len(open_streams) >= settings.sse_max_connections:
             raise HTTPException(503, "This gateway is at its connection limit; retry shortly.")
 
-    def respond(
-        route: str, events: AsyncIterator[object], principal: Principal
-    ) -> EventSourceResponse:
-        gauge = metrics.connections.labels(route)
-
-        token = object()
-
-        async def counted() -> AsyncIterator[object]:
-            gauge.inc()
-            open_streams.add(token)
-            try:
-                if principal.expires_at is None:
-                    async for item in events:
-                        yield item
-                else:
-                    async for item in until_expiry(events, principal.expires_at):
-                        yield item
-            finally:
-                gauge.dec()
-                open_streams.discard(token)
-
-        return EventSourceResponse(
-            counted(),
-            headers=STREAM_HEADERS,
-            ping=settings.sse_heartbeat_seconds,
+    def respond(feed: Feed, principal: Principal) -> EventStreamResponse:
+        return EventStreamResponse(
+            feed,
+            metrics,
+            heartbeat=settings.sse_heartbeat_seconds,
             send_timeout=settings.sse_send_timeout_seconds,
-            shutdown_event=shutdown,
+            expires_at=principal.expires_at,
+            registry=open_streams,
         )
 
     def cursor_of(request: Request) -> str | None:
@@ -182,34 +155,25 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
     @limiter.limit(settings.activity_stream_rate_limit)
     async def board_events(
         request: Request, board_id: Annotated[str, Path(pattern=BOARD_ID_PATTERN)]
-    ) -> EventSourceResponse:
+    ) -> EventStreamResponse:
         principal = authenticate(request)
         if not principal.may_access(board_id):
             raise HTTPException(403, "This token does not grant the board.")
         admit()
-        events = board_stream(
-            hubs["hub"],
-            metrics,
-            board_id,
-            cursor_of(request),
-            settings.sse_send_queue,
-            send_timeout=settings.sse_send_timeout_seconds,
+        feed = BoardFeed(
+            hubs["hub"], metrics, board_id, cursor_of(request), settings.sse_send_queue
         )
-        return respond("board", events, principal)
+        return respond(feed, principal)
 
     @app.get("/sse/activity")
     @limiter.limit(settings.activity_stream_rate_limit)
-    async def all_events(request: Request) -> EventSourceResponse:
+    async def all_events(request: Request) -> EventStreamResponse:
         principal = authenticate(request)
         admit()
-        events = activity_stream(
-            hubs["hub"],
-            metrics,
-            principal.boards,
-            cursor_of(request),
-            settings.sse_send_queue,
-            send_timeout=settings.sse_send_timeout_seconds,
+        feed = ActivityFeed(
+            hubs["hub"], metrics, principal.boards, cursor_of(request), settings.sse_send_queue
         )
-        return respond("activity", events, principal)
+        return respond(feed, principal)
 
+    pass_server_send(app)  # last: outside the security headers and every other middleware
     return app

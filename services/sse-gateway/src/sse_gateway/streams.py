@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import orjson
-import structlog
 from envelope.codec import RelayedEvent
-from envelope.feed import ActivityHub, HistoryLost, Replay, SlowConsumer, stream_id_key
+from envelope.feed import ActivityHub, Replay, Subscription, stream_id_key
 from envelope.observability import DeliveryTracker
 from envelope.service import delivery_latency_histogram
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sse_starlette import ServerSentEvent
 
-log = structlog.get_logger("sse_gateway")
 # Events written to a stream in one chunk when several are waiting: a client that fell a
 # little behind catches up with a few large writes instead of many small ones.
 WRITE_BATCH = 256
@@ -84,15 +82,32 @@ def activity_frame(event: RelayedEvent) -> bytes:
     ).encode()
 
 
-def _reset(replay: Replay, board_id: str | None) -> ServerSentEvent:
+def _event(data: Mapping[str, object], kind: str) -> bytes:
+    return ServerSentEvent(orjson.dumps(data).decode(), event=kind).encode()
+
+
+def _reset(replay: Replay, board_id: str | None) -> bytes:
     data = {"reason": "cursor_expired", "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
-    return ServerSentEvent(orjson.dumps(data).decode(), event="reset")
+    return _event(data, "reset")
 
 
-def _history_lost(board_id: str | None) -> ServerSentEvent:
+def history_lost_frame(board_id: str | None) -> bytes:
     # Redis lost its data: sequences (and activity ids) start again; drop the old cursor.
-    data = {"reason": "history_lost", "board_id": board_id, "oldest_cursor": None}
-    return ServerSentEvent(orjson.dumps(data).decode(), event="reset")
+    return _event({"reason": "history_lost", "board_id": board_id, "oldest_cursor": None}, "reset")
+
+
+def slow_consumer_frame() -> bytes:
+    data = {"reason": "slow_consumer", "detail": "the stream fell behind; reconnect to resume"}
+    return _event(data, "close")
+
+
+def expired_frame() -> bytes:
+    """EventSource reconnects on its own; with the expired credential it then gets 401."""
+    return _event({"reason": "token_expired", "detail": "authenticate again"}, "close")
+
+
+# A comment line: EventSource ignores it, proxies see the connection is alive.
+HEARTBEAT = ServerSentEvent(comment="ping").encode()
 
 
 def _resume_point(replay: Replay, after: int) -> int:
@@ -101,142 +116,124 @@ def _resume_point(replay: Replay, after: int) -> int:
     return 0 if replay.expired else after
 
 
-def _slow_consumer() -> ServerSentEvent:
-    data = {"reason": "slow_consumer", "detail": "the stream fell behind; reconnect to resume"}
-    return ServerSentEvent(orjson.dumps(data).decode(), event="close")
+class BoardFeed:
+    """One board by sequence: what was missed after the cursor, then the live events past it."""
+
+    route = "board"
+
+    def __init__(
+        self,
+        hub: ActivityHub[bytes],
+        metrics: GatewayMetrics,
+        board_id: str,
+        cursor: str | None,
+        queue: int,
+    ) -> None:
+        self.board_id: str | None = board_id
+        self._board_id = board_id
+        self._hub = hub
+        self._metrics = metrics
+        self._cursor = cursor
+        self._queue = queue
+        self._last = 0
+
+    def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
+        return self._hub.subscribe_board(self._board_id, self._queue)
+
+    async def replay(self) -> list[bytes]:
+        if self._cursor is None:
+            return []
+        valid = _is_sequence(self._cursor)
+        after = int(self._cursor) if valid else 0
+        replay = await self._hub.replay_board(self._board_id, after)
+        frames = []
+        if replay.expired or not valid:
+            self._metrics.resets.inc()
+            frames.append(_reset(replay, self._board_id))
+        frames += [board_frame(event) for event in replay.events]
+        self._metrics.replayed.inc(len(replay.events))
+        self._last = _resume_point(replay, after)
+        return frames
+
+    def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
+        last = self._last
+        fresh = [(e, f) for e, f in batch if e.sequence > last] if last else batch
+        if fresh:
+            self._last = fresh[-1][0].sequence
+        return fresh
+
+    def history_lost(self) -> bytes:
+        self._last = 0
+        return history_lost_frame(self._board_id)
 
 
-class _Writes:
-    """While the stream is suspended at a `yield`, sse-starlette is writing to the client; a
-    stream closed during a write that lasted the whole send timeout was cut for stalling."""
+class ActivityFeed:
+    """Every board (or the credential's boards) by activity stream id, with the same resume."""
 
-    def __init__(self, send_timeout: float | None) -> None:
-        self.send_timeout = send_timeout
-        self.since: float | None = None
+    route = "activity"
+    board_id: str | None = None
 
-    def stalled(self) -> bool:
-        if self.since is None or self.send_timeout is None:
-            return False
-        return time.monotonic() - self.since >= 0.9 * self.send_timeout
+    def __init__(
+        self,
+        hub: ActivityHub[bytes],
+        metrics: GatewayMetrics,
+        boards: frozenset[str] | None,
+        cursor: str | None,
+        queue: int,
+    ) -> None:
+        self._hub = hub
+        self._metrics = metrics
+        self._boards = boards
+        self._cursor = cursor
+        self._queue = queue
+        # Where the replay ended: live events up to it were already sent.
+        self._seam: tuple[int, int] | None = None
 
+    def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
+        return self._hub.subscribe_activity(self._boards, self._queue)
 
-async def board_stream(
-    hub: ActivityHub[bytes],
-    metrics: GatewayMetrics,
-    board_id: str,
-    cursor: str | None,
-    queue: int,
-    send_timeout: float | None = None,
-) -> AsyncIterator[bytes | ServerSentEvent]:
-    sent = metrics.sent.labels("board")
-    writes = _Writes(send_timeout)
-    with hub.subscribe_board(board_id, queue) as subscription:
-        last = 0
-        if cursor is not None:
-            valid = _is_sequence(cursor)
-            after = int(cursor) if valid else 0
-            replay = await hub.replay_board(board_id, after)
-            if replay.expired or not valid:
-                metrics.resets.inc()
-                yield _reset(replay, board_id)
-            for event in replay.events:
-                yield board_frame(event)
-            metrics.replayed.inc(len(replay.events))
-            last = _resume_point(replay, after)
-        try:
-            while True:
-                try:
-                    batch = await subscription.next_batch(WRITE_BATCH)
-                except HistoryLost:
-                    metrics.resets.inc()
-                    last = 0
-                    yield _history_lost(board_id)
-                    continue
-                fresh = [(e, f) for e, f in batch if e.sequence > last]
-                if not fresh:
-                    continue
-                last = fresh[-1][0].sequence
-                sent.inc(len(fresh))
-                writes.since = time.monotonic()
-                yield _joined(fresh)
-                writes.since = None
-                # Resumed once sse-starlette has written the frames and wants the next ones.
-                for event, _frame in fresh:
-                    metrics.delivery.written(event)
-        except SlowConsumer:
-            yield _slow_consumer()
-        finally:
-            _count_if_cut(subscription.overflowed or writes.stalled(), metrics, board_id)
+    async def replay(self) -> list[bytes]:
+        cursor, boards = self._cursor, self._boards
+        if cursor is None:
+            return []
+        valid = _is_stream_id(cursor)
+        replay = await self._hub.replay_activity(cursor if valid else "0-0")
+        frames = []
+        if replay.expired or not valid:
+            self._metrics.resets.inc()
+            frames.append(_reset(replay, None))
+        frames += [
+            activity_frame(event)
+            for event in replay.events
+            if boards is None or event.board_id in boards
+        ]
+        self._metrics.replayed.inc(len(replay.events))
+        self._seam = stream_id_key(
+            replay.events[-1].stream_id
+            if replay.events
+            else cursor
+            if valid and not replay.expired
+            else "0-0"
+        )
+        return frames
 
+    def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
+        seam = self._seam
+        if seam is None:
+            return batch
+        batch = [(e, f) for e, f in batch if stream_id_key(e.stream_id) > seam]
+        if batch:
+            self._seam = None  # past the replay: no more overlap
+        return batch
 
-async def activity_stream(
-    hub: ActivityHub[bytes],
-    metrics: GatewayMetrics,
-    boards: frozenset[str] | None,
-    cursor: str | None,
-    queue: int,
-    send_timeout: float | None = None,
-) -> AsyncIterator[bytes | ServerSentEvent]:
-    sent = metrics.sent.labels("activity")
-    writes = _Writes(send_timeout)
-    with hub.subscribe_activity(boards, queue) as subscription:
-        seam: tuple[int, int] | None = None
-        if cursor is not None:
-            valid = _is_stream_id(cursor)
-            replay = await hub.replay_activity(cursor if valid else "0-0")
-            if replay.expired or not valid:
-                metrics.resets.inc()
-                yield _reset(replay, None)
-            for event in replay.events:
-                if boards is None or event.board_id in boards:
-                    yield activity_frame(event)
-            metrics.replayed.inc(len(replay.events))
-            seam = stream_id_key(
-                replay.events[-1].stream_id
-                if replay.events
-                else cursor
-                if valid and not replay.expired
-                else "0-0"
-            )
-        try:
-            while True:
-                try:
-                    batch = await subscription.next_batch(WRITE_BATCH)
-                except HistoryLost:
-                    metrics.resets.inc()
-                    seam = None
-                    yield _history_lost(None)
-                    continue
-                if seam is not None:
-                    after = seam
-                    batch = [(e, f) for e, f in batch if stream_id_key(e.stream_id) > after]
-                    if not batch:
-                        continue  # already sent by the replay
-                    seam = None
-                sent.inc(len(batch))
-                writes.since = time.monotonic()
-                yield _joined(batch)
-                writes.since = None
-                for event, _frame in batch:
-                    metrics.delivery.written(event)
-        except SlowConsumer:
-            yield _slow_consumer()
-        finally:
-            _count_if_cut(subscription.overflowed or writes.stalled(), metrics, None)
+    def history_lost(self) -> bytes:
+        self._seam = None
+        return history_lost_frame(None)
 
 
-def _joined(batch: list[tuple[RelayedEvent, bytes]]) -> bytes:
+def joined(batch: list[tuple[RelayedEvent, bytes]]) -> bytes:
     """Frames already encoded once per process, written to this stream in one chunk."""
     return batch[0][1] if len(batch) == 1 else b"".join(frame for _event, frame in batch)
-
-
-def _count_if_cut(fell_behind: bool, metrics: GatewayMetrics, board_id: str | None) -> None:
-    """Count a stream that ended because its client fell behind: its queue overflowed (it
-    got a `close` event if it still read), or it stopped reading and a write outlasted
-    ADVANCED_SSE_SEND_TIMEOUT_SECONDS."""
-    if fell_behind:
-        metrics.slow.inc()
-        log.warning("cut a slow SSE consumer", board_id=board_id)
 
 
 def _digits(text: str, most: int) -> bool:
