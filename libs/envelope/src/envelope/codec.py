@@ -115,13 +115,20 @@ def decode_envelope(body: bytes) -> BoardEventEnvelope:
         raise MalformedEnvelope(f"invalid envelope: {exc.errors()[0]['msg']}") from None
 
 
-def activity_body(envelope: BoardEventEnvelope, published_at: datetime) -> bytes:
+def activity_body(
+    envelope: BoardEventEnvelope,
+    published_at: datetime,
+    trace_context: dict[str, str] | None = None,
+) -> bytes:
     """The `ActivityEvent` JSON without its `sequence`, which the relay step prepends.
 
     The relay step assigns the board's next sequence atomically in Redis and writes
-    `{"sequence":N,` + `activity_body(...)[1:]`; see `with_sequence`.
+    `{"sequence":N,` + `activity_body(...)[1:]`; see `with_sequence`. `trace_context`, when
+    given, replaces the envelope's (the relay passes its own span on to the edges).
     """
     fields: dict[str, Any] = envelope.model_dump(mode="json")
+    if trace_context is not None:
+        fields["trace_context"] = trace_context
     fields["published_at"] = published_at.isoformat().replace("+00:00", "Z")
     return orjson.dumps(fields)
 

@@ -9,13 +9,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueueIterator, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from envelope.topology import Topology
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
-from relay_worker.adapters.rabbitmq import AmqpDelivery, partition_messages
+from relay_worker.adapters.rabbitmq import (
+    AmqpDelivery,
+    PartitionAcks,
+    PartitionInbox,
+    partition_messages,
+)
 from relay_worker.adapters.redis import PartitionLeases
 from relay_worker.relay import BatchNotRelayed, Relay
 
@@ -65,6 +70,7 @@ class PartitionedConsumer:
         self._interval = lease_ms / 3000
         self._store_available = store_available
         self._owned: dict[int, _Partition] = {}
+        self._depth_channel: AbstractChannel | None = None
         self._depth = Gauge(
             "advanced_worker_queue_depth",
             "Messages waiting in each RabbitMQ queue of the topology (partitions, retry, DLQ).",
@@ -119,8 +125,12 @@ class PartitionedConsumer:
             self._partitions_gauge.set(len(self._owned))
             await asyncio.sleep(self._interval)
 
-    async def measure(self, every: float = 5.0) -> None:
-        """Queue depths for the metrics, in a loop of its own: never delays lease renewal."""
+    async def measure(self, every: float = 10.0) -> None:
+        """Queue depths for the metrics, in a loop of its own: never delays lease renewal.
+
+        Every 10 s, on one channel kept open: each reading costs RabbitMQ a passive
+        declaration per queue, a cost paid whatever the traffic.
+        """
         while True:
             with contextlib.suppress(Exception):
                 # Bounded: while RabbitMQ reconnects, opening a channel waits for it.
@@ -156,30 +166,33 @@ class PartitionedConsumer:
     async def _consume(self, partition: int, busy: asyncio.Lock) -> None:
         name = self._topology.partition_queue(partition)
         async with partition_messages(self._connection, name, self._prefetch) as (channel, queue):
-            async with queue.iterator() as messages:
+            inbox = PartitionInbox(channel)
+            acks = PartitionAcks()
+            try:
+                # A consumer of the queue object itself, so that the robust channel restores
+                # it after a reconnect. Closing the channel (on the way out) hands every
+                # unacked message back to RabbitMQ, in order.
+                await queue.consume(inbox.deliver)
                 # What RabbitMQ has already pushed (up to the prefetch) is relayed as one
                 # batch: one Redis pipeline instead of a round trip per message.
-                ready: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-                pump = asyncio.create_task(_pump(messages, ready))
-                try:
-                    while (batch := await _next_batch(ready, self._prefetch)) is not None:
-                        deliveries = [
-                            AmqpDelivery(message, channel, self._topology, name)
-                            for message in batch
-                        ]
-                        await self._relay_batch(partition, deliveries, busy)
-                    await pump  # the iterator ended: surface why, so the restart is logged
-                finally:
-                    pump.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await pump
+                while (batch := await inbox.next_batch(self._prefetch)) is not None:
+                    deliveries = [
+                        AmqpDelivery(message, channel, self._topology, name) for message in batch
+                    ]
+                    await self._relay_batch(partition, deliveries, busy, acks)
+            finally:
+                inbox.close()
 
     async def _relay_batch(
-        self, partition: int, deliveries: list[AmqpDelivery], busy: asyncio.Lock
+        self,
+        partition: int,
+        deliveries: list[AmqpDelivery],
+        busy: asyncio.Lock,
+        acks: PartitionAcks,
     ) -> None:
         async with busy:
             try:
-                outcomes = await self._relay.handle_batch(deliveries)
+                outcomes = await self._relay.handle_batch(deliveries, acknowledge=acks.ack_in_order)
             except BatchNotRelayed as exc:
                 # Redis failed the whole pipeline before anything was settled: go one by one,
                 # so that only the first message takes the retry path while Redis is away.
@@ -190,14 +203,16 @@ class PartitionedConsumer:
                 )
                 outcomes = None
             except SETTLE_ERRORS as exc:
+                acks.left_unsettled(deliveries)
                 self._unsettled_batch(partition, exc)
                 return
         if outcomes is None:
-            for delivery in deliveries:
+            for index, delivery in enumerate(deliveries):
                 async with busy:
                     try:
                         outcome = await self._relay.handle(delivery)
                     except SETTLE_ERRORS as exc:
+                        acks.left_unsettled(deliveries[index:])
                         self._unsettled_batch(partition, exc)
                         return
                 if outcome in ("retried", "dead_lettered"):
@@ -239,39 +254,21 @@ class PartitionedConsumer:
         log.info("released partition", partition=partition)
 
     async def _measure_depth(self) -> None:
-        channel = await self._connection.channel()
+        if self._depth_channel is None or self._depth_channel.is_closed:
+            self._depth_channel = await self._connection.channel()
+        channel = self._depth_channel
+        names = [self._topology.partition_queue(p) for p in range(self._topology.partitions)]
+        names += [self._topology.retry_queue, self._topology.dlq_queue]
         try:
-            names = [self._topology.partition_queue(p) for p in range(self._topology.partitions)]
-            names += [self._topology.retry_queue, self._topology.dlq_queue]
+            # On the AMQP channel itself: aio-pika's robust channel answers a repeated passive
+            # declaration from its cache, with the count of the first.
+            underlay = await channel.get_underlay_channel()
             for name in names:
-                queue = await channel.declare_queue(name, passive=True)
-                self._depth.labels(name).set(queue.declaration_result.message_count or 0)
-        finally:
-            await channel.close()
-
-
-async def _pump(
-    messages: AbstractQueueIterator, ready: asyncio.Queue[AbstractIncomingMessage | None]
-) -> None:
-    try:
-        async for message in messages:
-            ready.put_nowait(message)
-    finally:
-        ready.put_nowait(None)  # the end, after every message already received
-
-
-async def _next_batch(
-    ready: asyncio.Queue[AbstractIncomingMessage | None], limit: int
-) -> list[AbstractIncomingMessage] | None:
-    """The next message and whatever else is already waiting, in order; None at the end."""
-    first = await ready.get()
-    if first is None:
-        return None
-    batch = [first]
-    while len(batch) < limit and not ready.empty():
-        message = ready.get_nowait()
-        if message is None:
-            ready.put_nowait(None)  # end after this batch
-            break
-        batch.append(message)
-    return batch
+                declared = await underlay.queue_declare(name, passive=True)
+                self._depth.labels(name).set(declared.message_count or 0)
+        except BaseException:
+            # A queue that is gone closes the channel (404); start afresh next time.
+            self._depth_channel = None
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise

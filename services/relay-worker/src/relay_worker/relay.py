@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, cast
+from typing import Literal, Protocol, TypeVar, cast
 
 import structlog
 from envelope.codec import MalformedEnvelope, activity_body, decode_envelope
 from envelope.memory import RelayOutcome
-from envelope.models import BoardEventEnvelope, utcnow
+from envelope.models import utcnow
 from envelope.observability import extract_trace_context, inject_trace_context
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -36,6 +36,18 @@ class Delivery(Protocol):
     async def retry(self, reason: str) -> None: ...
 
     async def dead_letter(self, reason: str) -> None: ...
+
+
+D = TypeVar("D", bound=Delivery)
+
+AcknowledgeInOrder = Callable[[Sequence[D]], Awaitable[None]]
+"""Acks a run of deliveries, every earlier one of the batch already settled; the RabbitMQ
+adapter sends one `basic.ack(multiple=True)` for the run where that is safe."""
+
+
+async def ack_one_by_one(deliveries: Sequence[Delivery]) -> None:
+    for delivery in deliveries:
+        await delivery.ack()
 
 
 class BatchNotRelayed(Exception):
@@ -76,8 +88,11 @@ class RelayMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=registry,
         )
-        for outcome in ("delivered", "duplicate", "retried", "dead_lettered"):
-            self.events.labels(outcome)
+        # Resolved once: `labels()` per event takes a lock and a dict lookup.
+        self.outcomes = {
+            outcome: self.events.labels(outcome)
+            for outcome in ("delivered", "duplicate", "retried", "dead_lettered")
+        }
 
 
 class Relay:
@@ -90,13 +105,22 @@ class Relay:
     async def handle(self, delivery: Delivery) -> Outcome:
         return (await self.handle_batch([delivery]))[0]
 
-    async def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+    async def handle_batch(
+        self,
+        deliveries: Sequence[D],
+        *,
+        acknowledge: AcknowledgeInOrder[D] = ack_one_by_one,
+    ) -> list[Outcome]:
         """Relay deliveries of one partition: one Redis round trip for all, settled in order.
 
         Each relay step stays one atomic Lua call; a pipeline only sends them back to back,
         and Redis runs them in that order, so the board's sequence follows the queue's order.
         When the pipeline fails as a whole (Redis unreachable) nothing has been settled yet:
         the error propagates and the caller hands the deliveries to `handle` one by one.
+
+        Deliveries to ack are gathered into runs and handed to `acknowledge` after their
+        Redis steps: before a retry or a dead letter (so settling stays in queue order) and
+        at the end of the batch.
         """
         started = time.perf_counter()
         prepared = [self._prepare(delivery) for delivery in deliveries]
@@ -115,14 +139,25 @@ class Relay:
             os._exit(137)  # the fault hook: die between the Redis step and the ack
         self._relayed += relayed
         outcomes: list[Outcome] = []
-        by_step = dict(zip((id(step) for step in steps), results, strict=True))
-        for item in prepared:
+        to_ack: list[D] = []
+        for item, result in zip(prepared, _results_in_place(prepared, results), strict=True):
+            if isinstance(item, _Step) and isinstance(result, RelayOutcome):
+                outcome = self._relayed_outcome(item, result)
+                to_ack.append(cast(D, item.delivery))
+                self._metrics.outcomes[outcome].inc()
+                outcomes.append(outcome)
+                continue
+            if to_ack:
+                await acknowledge(to_ack)
+                to_ack = []
             if isinstance(item, _Step):
-                outcome = await self._settle(item, by_step[id(item)])
+                outcome = await self._settle_failure(item, cast(BaseException, result))
             else:
                 outcome = await self._dead_letter_malformed(item)
-            self._metrics.events.labels(outcome).inc()
+            self._metrics.outcomes[outcome].inc()
             outcomes.append(outcome)
+        if to_ack:
+            await acknowledge(to_ack)
         elapsed = time.perf_counter() - started
         for _ in outcomes:
             self._metrics.duration.observe(elapsed)
@@ -148,8 +183,8 @@ class Relay:
         with trace.use_span(span, end_on_exit=False):
             # The edges' spans hang off this one; without a tracer here, pass the ingress's on.
             carrier = inject_trace_context() or envelope.trace_context
-        traced = envelope.model_copy(update={"trace_context": carrier})
-        return _Step(delivery, envelope, activity_body(traced, utcnow()), span)
+        body = activity_body(envelope, utcnow(), carrier)
+        return _Step(delivery, envelope.board_id, envelope.correlation_id, body, span)
 
     async def _relay_all(self, steps: list[_Step]) -> list[RelayOutcome | BaseException]:
         if not steps:
@@ -157,7 +192,7 @@ class Relay:
         ttl = self._settings.redis_idempotency_ttl_seconds
         relay_many = getattr(self._store, "relay_many", None)
         if relay_many is not None and len(steps) > 1:
-            batch = [(s.envelope.board_id, s.envelope.correlation_id, s.body) for s in steps]
+            batch = [(s.board_id, s.correlation_id, s.body) for s in steps]
             # The pipeline's own spans (Redis instrumentation) hang off the batch's first event.
             with trace.use_span(steps[0].span, end_on_exit=False):
                 return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
@@ -166,9 +201,7 @@ class Relay:
             try:
                 with trace.use_span(step.span, end_on_exit=False):
                     results.append(
-                        await self._store.relay(
-                            step.envelope.board_id, step.envelope.correlation_id, step.body, ttl
-                        )
+                        await self._store.relay(step.board_id, step.correlation_id, step.body, ttl)
                     )
             except Exception as exc:  # any store failure: the broker retries the message
                 results.append(exc)
@@ -180,35 +213,35 @@ class Relay:
         await malformed.delivery.dead_letter(malformed.reason)
         return "dead_lettered"
 
-    async def _settle(self, step: _Step, result: RelayOutcome | BaseException) -> Outcome:
-        delivery, envelope, span = step.delivery, step.envelope, step.span
+    async def _settle_failure(self, step: _Step, error: BaseException) -> Outcome:
+        delivery, span = step.delivery, step.span
         with trace.use_span(span, end_on_exit=True):
-            if isinstance(result, BaseException):
-                bound = log.bind(board_id=envelope.board_id, correlation_id=envelope.correlation_id)
-                reason = f"{type(result).__name__}: {result}"
-                span.record_exception(result)
-                span.set_status(trace.StatusCode.ERROR, reason)
-                if delivery.attempts >= self._settings.rabbitmq_max_retries:
-                    bound.error(
-                        "dead-lettering after the last retry",
-                        attempts=delivery.attempts,
-                        reason=reason,
-                    )
-                    await delivery.dead_letter(reason)
-                    return "dead_lettered"
-                bound.warning(
-                    "relay failed, retrying", attempts=delivery.attempts + 1, reason=reason
+            bound = log.bind(board_id=step.board_id, correlation_id=step.correlation_id)
+            reason = f"{type(error).__name__}: {error}"
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, reason)
+            if delivery.attempts >= self._settings.rabbitmq_max_retries:
+                bound.error(
+                    "dead-lettering after the last retry",
+                    attempts=delivery.attempts,
+                    reason=reason,
                 )
-                await delivery.retry(reason)
-                return "retried"
+                await delivery.dead_letter(reason)
+                return "dead_lettered"
+            bound.warning("relay failed, retrying", attempts=delivery.attempts + 1, reason=reason)
+            await delivery.retry(reason)
+            return "retried"
 
-            await delivery.ack()
+    def _relayed_outcome(self, step: _Step, result: RelayOutcome) -> Outcome:
+        """The outcome of a step Redis ran; its delivery is acked by the caller."""
+        span = step.span
+        with trace.use_span(span, end_on_exit=True):
             if not result.delivered:
                 span.set_attribute("relay.outcome", "duplicate")
                 log.info(
                     "duplicate skipped",
-                    board_id=envelope.board_id,
-                    correlation_id=envelope.correlation_id,
+                    board_id=step.board_id,
+                    correlation_id=step.correlation_id,
                     sequence=result.sequence,
                 )
                 return "duplicate"
@@ -224,12 +257,21 @@ class Relay:
             return "delivered"
 
 
+def _results_in_place(
+    prepared: Sequence[_Step | _Malformed], results: Sequence[RelayOutcome | BaseException]
+) -> list[RelayOutcome | BaseException | None]:
+    """The relay results lined up with `prepared`: None where a body was malformed."""
+    found = iter(results)
+    return [next(found) if isinstance(item, _Step) else None for item in prepared]
+
+
 @dataclass(slots=True)
 class _Step:
     """A decoded delivery, its activity body and its span, waiting for its relay step."""
 
     delivery: Delivery
-    envelope: BoardEventEnvelope
+    board_id: str
+    correlation_id: str
     body: bytes
     span: Span
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aio_pika
+import aiormq.abc
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -16,6 +19,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.exceptions import ChannelInvalidStateError
 from envelope.topology import Topology
 
 log = structlog.get_logger("relay_worker")
@@ -80,9 +84,16 @@ class AmqpDelivery:
         self._message = message
         self._channel = channel
         self._topology = topology
+        try:
+            # The AMQP channel that delivered it: delivery tags count per channel, and a
+            # robust reconnect replaces it under the same aio-pika channel.
+            self.delivered_on: aiormq.abc.AbstractChannel | None = message.channel
+        except ChannelInvalidStateError:
+            self.delivered_on = None  # closed already: settling it fails, RabbitMQ redelivers
 
-    async def ack(self) -> None:
-        await self._message.ack()
+    async def ack(self, *, multiple: bool = False) -> None:
+        """`multiple=True` also acks every earlier unsettled delivery of the channel."""
+        await self._message.ack(multiple=multiple)
 
     async def retry(self, reason: str) -> None:
         await self._message.reject(requeue=False)  # dead-letters into the retry queue
@@ -110,6 +121,100 @@ class AmqpDelivery:
             mandatory=True,
         )
         await self._message.ack()  # only once the DLQ holds it (publisher confirm)
+
+
+class PartitionAcks:
+    """Acks a partition's deliveries, a run of them with one `basic.ack(multiple=True)`.
+
+    A multiple ack settles every unacked delivery of its channel up to its delivery tag, so it
+    is sent only where nothing before it can still be pending: a partition takes deliveries in
+    order and settles each batch before it takes the next, the relay hands over a run only
+    once every earlier delivery of the batch is settled (acked, retried or dead-lettered), and
+    a channel on which a batch was left part-settled is acked one message at a time from then
+    on (`left_unsettled`).
+    """
+
+    def __init__(self) -> None:
+        self._one_by_one: weakref.WeakSet[aiormq.abc.AbstractChannel] = weakref.WeakSet()
+        self.frames = 0  # ack frames sent, for the tests
+
+    def left_unsettled(self, deliveries: Sequence[AmqpDelivery]) -> None:
+        for delivery in deliveries:
+            if delivery.delivered_on is not None:
+                self._one_by_one.add(delivery.delivered_on)
+
+    async def ack_in_order(self, deliveries: Sequence[AmqpDelivery]) -> None:
+        start = 0
+        while start < len(deliveries):
+            channel = deliveries[start].delivered_on
+            end = start + 1
+            while end < len(deliveries) and deliveries[end].delivered_on is channel:
+                end += 1
+            run = deliveries[start:end]
+            if len(run) > 1 and channel is not None and channel not in self._one_by_one:
+                await run[-1].ack(multiple=True)
+                self.frames += 1
+            else:
+                for delivery in run:
+                    await delivery.ack()
+                    self.frames += 1
+            start = end
+
+
+class PartitionInbox:
+    """What RabbitMQ pushed to a partition's consumer, waiting for the next batch, in order.
+
+    The consumer callback only appends: no queue iterator, no task of our own per delivery.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._messages: collections.deque[AbstractIncomingMessage] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+        # A robust channel completes `closed()` only when it is closed for good.
+        self._closed = asyncio.ensure_future(channel.closed())
+        self._closed.add_done_callback(lambda _: self._wake_up())
+
+    async def deliver(self, message: AbstractIncomingMessage) -> None:
+        self._messages.append(message)
+        self._wake_up()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._messages)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def next_batch(self, limit: int) -> list[AbstractIncomingMessage] | None:
+        """The next message and whatever else is already waiting on the same AMQP channel;
+        None once the channel is closed for good."""
+        while not self._messages:
+            if self._closed.done():
+                return None
+            self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        messages = self._messages
+        first = messages.popleft()
+        batch = [first]
+        channel = _delivered_on(first)
+        # A batch never spans a reconnect: its acks go to the channel that delivered it.
+        while messages and len(batch) < limit and _delivered_on(messages[0]) is channel:
+            batch.append(messages.popleft())
+        return batch
+
+    def close(self) -> None:
+        self._closed.cancel()
+
+
+def _delivered_on(message: AbstractIncomingMessage) -> aiormq.abc.AbstractChannel | None:
+    try:
+        return message.channel
+    except ChannelInvalidStateError:
+        return None
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as redis
 from envelope.memory import RelayOutcome
 from envelope.topology import RedisKeys
+from redis.exceptions import NoScriptError
 
 # One atomic step: a crash before it changes nothing, a crash after it leaves a marker
 # that makes the redelivery a duplicate. The sequence is assigned here, so it is gapless
@@ -68,13 +69,29 @@ class RedisRelayStore:
         Redis runs a connection's commands in the order sent, so the steps keep their order.
         A step that fails alone comes back as its exception; a lost connection raises.
         """
+        replies = await self._evalsha_pipeline(steps, ttl_seconds)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis lost its script cache (a restart without it, SCRIPT FLUSH): the steps that
+            # met NOSCRIPT changed nothing. Load the script and run them again, when they are
+            # the batch's tail: run in order after the others, they keep the queue's order.
+            # Otherwise (another client loaded it meanwhile) they take the retry path.
+            self._script.sha = await self._client.script_load(RELAY_SCRIPT)
+            first = missing[0]
+            if missing == list(range(first, len(replies))):
+                replies[first:] = await self._evalsha_pipeline(steps[first:], ttl_seconds)
+        return [r if isinstance(r, BaseException) else self._outcome(r) for r in replies]
+
+    async def _evalsha_pipeline(
+        self, steps: Sequence[tuple[str, str, bytes]], ttl_seconds: int
+    ) -> list[Any]:
+        # EVALSHA queued by hand: redis-py's pipeline, given a Script, asks SCRIPT EXISTS in
+        # a round trip of its own before every batch.
         async with self._client.pipeline(transaction=False) as pipe:
             for board_id, correlation_id, body in steps:
-                await self._script(
-                    **self._step(board_id, correlation_id, body, ttl_seconds), client=pipe
-                )
-            replies = await pipe.execute(raise_on_error=False)
-        return [r if isinstance(r, BaseException) else self._outcome(r) for r in replies]
+                step = self._step(board_id, correlation_id, body, ttl_seconds)
+                pipe.evalsha(self._script.sha, len(step["keys"]), *step["keys"], *step["args"])
+            return list(await pipe.execute(raise_on_error=False))
 
 
 # Renew only a lease we still hold; release likewise.
