@@ -183,10 +183,10 @@ class Subscription(Generic[T]):
         "_history_lost_queued",
         "_hub",
         "_items",
-        "_overflow",
         "_waiter",
         "boards",
         "maxsize",
+        "on_overflow",
         "overflowed",
     )
 
@@ -210,7 +210,9 @@ class Subscription(Generic[T]):
         self._items: list[tuple[RelayedEvent, T]] = []
         self._history_lost_queued = False
         self._waiter: asyncio.Future[None] | None = None
-        self._overflow: asyncio.Event | None = None
+        # Called once when the queue overflows: a writer stuck in a send is not waiting on
+        # the subscription, so `wake` alone would not reach it.
+        self.on_overflow: Callable[[], None] | None = None
 
     def __enter__(self) -> Subscription[T]:
         if self._hub is not None:
@@ -222,15 +224,6 @@ class Subscription(Generic[T]):
             self._hub._leave(self, self._board)
 
     @property
-    def overflow(self) -> asyncio.Event:
-        """Set once the queue overflowed: a writer stuck in a send can wait for it."""
-        if self._overflow is None:  # made on first use: the SSE gateway never waits on it
-            self._overflow = asyncio.Event()
-            if self.overflowed:
-                self._overflow.set()
-        return self._overflow
-
-    @property
     def queued(self) -> int:
         return len(self._items)
 
@@ -240,8 +233,8 @@ class Subscription(Generic[T]):
         if len(self._items) >= self.maxsize:
             self.overflowed = True
             self._items = []  # free the memory at once; the reader only needs to know
-            if self._overflow is not None:
-                self._overflow.set()
+            if self.on_overflow is not None:
+                self.on_overflow()
         else:
             self._items.append((event, rendered))
         self.wake()

@@ -192,16 +192,17 @@ class BoardSocket:
             ) as subscription:
                 if resume_after is not None:
                     await self.resume(resume_after)
-                tasks = [
-                    asyncio.create_task(self._read()),
-                    asyncio.create_task(self._write(subscription)),
-                    # A writer stuck in a send to a stalled client never sees the overflow.
-                    asyncio.create_task(self._cut_when_overflowing(subscription)),
-                ]
+                writer = asyncio.create_task(self._write(subscription))
+                # A writer stuck in a send to a client that stopped reading would never see
+                # the overflow: it is cut off there.
+                subscription.on_overflow = writer.cancel
+                tasks = [asyncio.create_task(self._read()), writer]
                 if self.principal.expires_at is not None:
                     tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    if subscription.overflowed:
+                        raise SlowConsumer
                     for task in done:
                         task.result()
                 finally:
@@ -373,11 +374,6 @@ class BoardSocket:
                     await self.websocket.send_text(frame)
                     self._last_sequence = event.sequence
                     written(event)
-
-    @staticmethod
-    async def _cut_when_overflowing(subscription: Subscription[str]) -> None:
-        await subscription.overflow.wait()
-        raise SlowConsumer
 
     async def _expire(self, expires_at: float) -> None:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
