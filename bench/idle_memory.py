@@ -31,12 +31,20 @@ async def measure(streams: int) -> None:
         "ADVANCED_RATE_LIMIT_DEFAULT": "1000000/second",
     }
     from envelope.memory import MemoryTransport
+    from envelope.security import hardened_http_protocol
     from sse_gateway.app import create_app
     from sse_gateway.settings import GatewaySettings
 
     port = free_port()
     app = create_app(GatewaySettings(), memory=MemoryTransport())
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None, log_level="error"))
+    config = uvicorn.Config(
+        app,
+        port=port,
+        log_config=None,
+        log_level="error",
+        http=hardened_http_protocol(30.0),  # as the service runs it
+    )
+    server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)

@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import uvicorn
 from envelope import codec
 from envelope.memory import MemoryStore, MemoryTransport
 from envelope.models import BoardEventEnvelope
+from fastapi import FastAPI
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
 from support.clients import sse
@@ -34,29 +36,25 @@ def transport() -> MemoryTransport:
 
 
 @contextlib.asynccontextmanager
-async def served(transport: MemoryTransport, **options: object) -> AsyncIterator[str]:
-    """The gateway under a real uvicorn; `served.app` is the last app started."""
-    settings = GatewaySettings(
-        **{
-            "_env_file": None,
-            "event_transport": "memory",
-            "realtime_token": TOKEN,
-            "environment": "test",
-            "sse_heartbeat_seconds": 0.2,
-            "sse_send_queue": 8,
-            "activity_stream_rate_limit": "1000/minute",
-            **options,
-        }  # type: ignore[arg-type]
-    )
+async def served(transport: MemoryTransport, **options: Any) -> AsyncIterator[tuple[str, FastAPI]]:
+    """The gateway under a real uvicorn: its base URL and its app."""
+    defaults: dict[str, Any] = {
+        "event_transport": "memory",
+        "realtime_token": TOKEN,
+        "environment": "test",
+        "sse_heartbeat_seconds": 0.2,
+        "sse_send_queue": 8,
+        "activity_stream_rate_limit": "1000/minute",
+    }
+    settings = GatewaySettings(_env_file=None, **(defaults | options))
     port = free_port()
     app = create_app(settings, memory=transport)
-    served.app = app  # type: ignore[attr-defined]
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         await task
@@ -64,7 +62,7 @@ async def served(transport: MemoryTransport, **options: object) -> AsyncIterator
 
 @pytest.fixture
 async def url(transport: MemoryTransport) -> AsyncIterator[str]:
-    async with served(transport) as url:
+    async with served(transport) as (url, _app):
         yield url
 
 
@@ -188,7 +186,7 @@ async def test_a_client_that_leaves_is_noticed_without_a_write(
     transport: MemoryTransport,
 ) -> None:
     # Heartbeats far apart: only the disconnect watcher can notice the client has gone.
-    async with served(transport, sse_heartbeat_seconds=60) as url:
+    async with served(transport, sse_heartbeat_seconds=60) as (url, _app):
         async with sse(f"{url}/sse/boards/leaving?token={TOKEN}"):
             await until(lambda: _equals(gauge(url), 1))
         await until(lambda: _equals(gauge(url), 0), 2)
@@ -211,9 +209,12 @@ async def test_heartbeats_only_while_idle_and_events_keep_flowing(
 async def test_the_drain_ends_every_stream_and_refuses_new_ones(
     transport: MemoryTransport,
 ) -> None:
-    async with served(transport) as url, sse(f"{url}/sse/boards/drain?token={TOKEN}") as stream:
+    async with (
+        served(transport) as (url, app),
+        sse(f"{url}/sse/boards/drain?token={TOKEN}") as stream,
+    ):
         await until(lambda: _equals(gauge(url), 1))
-        await served.app.state.drain()  # type: ignore[attr-defined]
+        await app.state.drain()
         await until(lambda: _equals(gauge(url), 0), 2)
         async with asyncio.timeout(2):  # the client read the end of the body
             while not stream.response.is_stream_consumed:
@@ -226,7 +227,10 @@ async def test_the_drain_ends_every_stream_and_refuses_new_ones(
 async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(
     transport: MemoryTransport,
 ) -> None:
-    async with served(transport, sse_send_timeout_seconds=0.5, sse_send_queue=100_000) as url:
+    async with served(transport, sse_send_timeout_seconds=0.5, sse_send_queue=100_000) as (
+        url,
+        _app,
+    ):
         port = int(url.rsplit(":", 1)[1])
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -5,15 +5,18 @@
 - `websocket_origin_allowed`: the exact-match `Origin` rule for WebSocket handshakes.
 - `hardened_http_protocol` / `hardened_websocket_protocol`: uvicorn protocol classes that bound
   what uvicorn leaves open: a request whose headers never complete (slowloris), a client that
-  stops reading (an ever-growing write buffer), ping floods and silent connections.
+  stops reading (an ever-growing write buffer), ping floods and silent connections; and
+  lighter stand-ins for the Events, queue and deque uvicorn allocates per connection, which
+  idle WebSockets and SSE streams hold for hours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from envelope.settings import SuiteSettings
 
@@ -128,11 +131,20 @@ def hardened_http_protocol(header_timeout: float) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderTimeoutHttpProtocol(HttpToolsProtocol):
+        # Also: lighter stand-ins for the Events uvicorn makes per connection and per request
+        # (an SSE stream holds both for hours).
         _request_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow._is_writable_event = cast(asyncio.Event, _Flag(True))
+            self.pipeline = cast("deque[Any]", _Pipeline())  # nothing pipelined yet
             self._arm()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self.cycle is not None:  # not waited on yet: the request's task has not run
+                self.cycle.message_event = cast(asyncio.Event, _Flag())
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -175,6 +187,75 @@ def hardened_http_protocol(header_timeout: float) -> type[asyncio.Protocol]:
     return HeaderTimeoutHttpProtocol
 
 
+class _Flag:
+    """`asyncio.Event` as uvicorn's protocols use it (`is_set`, `set`, `clear`, `wait`),
+    without the deque an Event allocates up front (≈ 0.7 KiB per connection, each)."""
+
+    __slots__ = ("_value", "_waiter")
+
+    def __init__(self, value: bool = False) -> None:
+        self._value = value
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        self._value = True
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            self._waiter = None
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:
+        if not self._value:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            # Shielded: one waiter cancelled must not cancel the future the others wait on.
+            await asyncio.shield(self._waiter)
+        return True
+
+
+class _Pipeline(list[Any]):
+    """uvicorn's queue of pipelined requests (`appendleft`, `pop`, truth) as a list: an empty
+    deque allocates a 64-slot block (≈ 0.7 KiB per connection), an empty list nothing."""
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+class _ReceiveQueue:
+    """What uvicorn's WebSocket protocol uses of its receive queue (`put_nowait`, `get`,
+    `empty`): a list and one waiter, where an `asyncio.Queue` holds three deques and an
+    Event (≈ 3 KiB per idle socket). One reader: the app's `receive`."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
 def hardened_websocket_protocol(
     *,
     write_stall_seconds: float,
@@ -204,6 +285,9 @@ def hardened_websocket_protocol(
         _handshake_held = True
 
         def connection_made(self, transport: Any) -> None:
+            # Lighter stand-ins, before anything is queued or waited on.
+            self.queue = cast("asyncio.Queue[Any]", _ReceiveQueue())
+            self.writable = cast(asyncio.Event, _Flag(True))
             super().connection_made(transport)
             # uvicorn waits 10 s for the peer's answer to our close frame; a client that does
             # not answer is not worth holding a socket for that long.
