@@ -6,9 +6,10 @@ idle streams and at fan-out that is most of the gateway's memory and CPU per del
 
 - the request task writes: it waits on the subscription, which the hub, the disconnect watcher,
   the drain and the stream's timer wake;
-- one timer per stream, re-armed lazily, fires the heartbeat (after `heartbeat` seconds without
-  a write), the credential's expiry and the send-stall cut (a write still blocked after
-  `send_timeout` seconds), so a write costs two float stores instead of a cancel scope;
+- one timer per stream, re-armed lazily, fires the heartbeat (every `heartbeat` seconds, written
+  at the stream's next pause between events), the credential's expiry and the send-stall cut
+  (a write still blocked after `send_timeout` seconds), so a write costs a float store instead
+  of a cancel scope;
 - the wire format stays sse-starlette's (`ServerSentEvent.encode`); frames are rendered once per
   process and the same bytes are written to every stream;
 - body chunks go to the server's `send` directly (`ServerSendPassthrough`): the middleware only
@@ -150,7 +151,7 @@ class EventStreamResponse(Response):
         self._ending: Ending | None = None
         self._heartbeat_due = False
         self._stalled = False
-        self._last_write = 0.0
+        self._last_beat = 0.0
         self._writing_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -184,7 +185,7 @@ class EventStreamResponse(Response):
         try:
             with self._feed.subscribe() as subscription:
                 self._subscription = subscription
-                self._last_write = loop.time()
+                self._last_beat = loop.time()
                 self._arm(loop)
                 try:
                     for chunk in await self._feed.replay():
@@ -236,18 +237,14 @@ class EventStreamResponse(Response):
                         written(event)
             elif self._heartbeat_due:
                 self._heartbeat_due = False
-                await self._write(write, HEARTBEAT, loop, activity=False)
+                await self._write(write, HEARTBEAT, loop)
             else:
                 await subscription.wait()
         if self._ending == "expired":
             await self._write(write, expired_frame(), loop)
 
-    async def _write(
-        self, write: Send, chunk: bytes, loop: asyncio.AbstractEventLoop, activity: bool = True
-    ) -> None:
-        started = self._writing_since = loop.time()
-        if activity:
-            self._last_write = started
+    async def _write(self, write: Send, chunk: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        self._writing_since = loop.time()
         await write({"type": "http.response.body", "body": chunk, "more_body": True})
         self._writing_since = None
 
@@ -271,10 +268,10 @@ class EventStreamResponse(Response):
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """The next check: heartbeat due, a write's deadline, or the credential's expiry.
 
-        Writes only store their times; the timer re-arms itself from them when it fires.
+        Writes only store when they started; the timer re-arms itself when it fires.
         """
         now = loop.time()
-        due = self._last_write + self._heartbeat
+        due = self._last_beat + self._heartbeat
         if self._writing_since is not None:
             stall = self._writing_since + self._send_timeout
             at = stall if due <= now else min(due, stall)
@@ -299,9 +296,9 @@ class EventStreamResponse(Response):
             if self._task is not None:
                 self._task.cancel()
             return
-        if writing_since is None and now >= self._last_write + self._heartbeat:
+        if writing_since is None and now >= self._last_beat + self._heartbeat:
             self._heartbeat_due = True
-            self._last_write = now
+            self._last_beat = now
             self._subscription.wake()
         self._arm(loop)
 
