@@ -212,7 +212,7 @@ class Subscription(Generic[T]):
         self._waiter: asyncio.Future[None] | None = None
         # Called once when the queue overflows: a writer stuck in a send is not waiting on
         # the subscription, so `wake` alone would not reach it.
-        self.on_overflow: Callable[[], None] | None = None
+        self.on_overflow: Callable[[], object] | None = None
 
     def __enter__(self) -> Subscription[T]:
         if self._hub is not None:
