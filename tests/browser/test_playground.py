@@ -180,7 +180,8 @@ async def test_after_a_gateway_restart_the_page_resumes_and_shows_what_it_missed
     await expect(bob.locator("#sse-status")).to_have_attribute("data-last-sequence", "3")
     await expect(bob.get_by_role("log").locator("li.event")).to_have_count(3)
 
-    # And live delivery carries on over the new stream.
+    # And live delivery carries on over the new streams (alice's back-off may end later).
+    await expect(alice.locator("#sse-status")).to_have_attribute("data-state", "open")
     await send(alice, "after the restart")
     await delivered(bob, "after the restart", 4)
     await delivered(alice, "after the restart", 4)
