@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from chaos.harness import (
-    FaultProxy,
     Ledger,
     PrivateRedis,
     Sender,
@@ -39,6 +38,7 @@ from chaos.harness import (
 )
 from support.brokers import Brokers
 from support.processes import Service, Suite
+from support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.brokers]
 
@@ -76,7 +76,7 @@ async def test_redis_cut_silenced_killed_and_restarted_mid_stream_loses_nothing(
     pings must notice); and Redis killed with kill -9 and started again (AOF, fsync always).
     """
     private = PrivateRedis(tmp_path / "redis").start()
-    proxy = await FaultProxy("127.0.0.1", private.port).up()
+    proxy = await TcpProxy("127.0.0.1", private.port).start()
     overrides = {
         "ADVANCED_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
         "ADVANCED_WEBSOCKET_RATE_LIMIT": "1000/second",
@@ -150,7 +150,7 @@ async def test_redis_cut_silenced_killed_and_restarted_mid_stream_loses_nothing(
             await sender.__aexit__(None, None, None)
     finally:
         suite.stop_all()
-        await proxy.down()
+        await proxy.stop()
         private.stop()
 
     # A message that takes the retry path is relayed after those of its board that were
@@ -184,7 +184,7 @@ async def test_rabbitmq_connections_cut_and_an_ingress_killed_lose_nothing(
 ) -> None:
     rabbit = urlsplit(brokers.rabbitmq_url)
     # Not listening yet: RabbitMQ is "down" when the services start.
-    proxy = FaultProxy(rabbit.hostname or "127.0.0.1", rabbit.port or 5672)
+    proxy = TcpProxy(rabbit.hostname or "127.0.0.1", rabbit.port or 5672)
     overrides = {
         "ADVANCED_RABBITMQ_URL": f"amqp://{rabbit.username}:{rabbit.password}@127.0.0.1:{proxy.port}/",
         "ADVANCED_WEBSOCKET_RATE_LIMIT": "1000/second",
@@ -203,7 +203,7 @@ async def test_rabbitmq_connections_cut_and_an_ingress_killed_lose_nothing(
         await asyncio.to_thread(lambda: [s.wait_live(90) for s in (worker, ingress)])
         started_without = {s.kind: await readiness(s) for s in (worker, ingress)}
         assert started_without == {"worker": 503, "ingress": 503}, started_without
-        await proxy.up()
+        await proxy.start()
         await start_all(services)
 
         ledger = Ledger()
@@ -247,7 +247,7 @@ async def test_rabbitmq_connections_cut_and_an_ingress_killed_lose_nothing(
 
         # RabbitMQ away: the ingress answers `unavailable` (the sender resends the same id)
         # and /readyz says 503. A few events are sent during the outage on purpose.
-        await proxy.down()
+        await proxy.stop()
         down_at = time.monotonic()
         extra = senders[0]
         for n in range(5):
@@ -257,7 +257,7 @@ async def test_rabbitmq_connections_cut_and_an_ingress_killed_lose_nothing(
             not_ready = not_ready or await readiness(replica) == 503
             await asyncio.sleep(0.2)
         unavailable_during_outage = ledger.unavailable
-        await proxy.up()
+        await proxy.start()
         faults.append(
             f"RabbitMQ unreachable for {time.monotonic() - down_at:.1f}s at {len(ledger.sent)} sent"
         )
@@ -279,7 +279,7 @@ async def test_rabbitmq_connections_cut_and_an_ingress_killed_lose_nothing(
             await sender.__aexit__(None, None, None)
     finally:
         suite.stop_all()
-        await proxy.down()
+        await proxy.stop()
 
     verdicts = ledger.verdicts(check_order=False)  # a resent event comes after later ones
     report(

@@ -1,40 +1,51 @@
-"""A TCP proxy on loopback that tests open, cut and close to simulate broker outages."""
+"""A TCP proxy on loopback that tests start, stop, cut and blackhole to simulate broker faults."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from support.processes import free_port
+
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, listen_port: int = 0) -> None:
-        self.target = (target_host, target_port)
-        self.listen_port = listen_port
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+    """A loopback TCP proxy the test controls: `cut()` resets every open connection,
+    `stop()` also stops accepting until `start()` (on the same port), `blackhole()` keeps the
+    connections open but forwards nothing (a silently dead peer) until `cut()`."""
 
-    @property
-    def port(self) -> int:
-        return self.listen_port
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen_port)
-        self.listen_port = self._server.sockets[0].getsockname()[1]
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         return self
 
     async def stop(self) -> None:
-        """Stop listening and cut every open connection."""
         if self._server is not None:
             self._server.close()
             self._server = None
         self.cut()
 
-    def cut(self) -> None:
-        """Cut the open connections; new ones are still accepted while listening."""
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
+    def cut(self) -> int:
+        links, self._links = self._links, []
+        for client, upstream in links:
+            client.transport.abort()
+            upstream.transport.abort()
+        self._flowing.set()
+        return len(links)
+
+    def blackhole(self) -> None:
+        self._flowing.clear()
+
+    def upstream_ports(self) -> list[int]:
+        """Local ports of the proxy's connections to the target (what the broker sees)."""
+        return [upstream.get_extra_info("sockname")[1] for _, upstream in self._links]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -42,16 +53,18 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
-        self._writers.update((writer, up_writer))
+        self._links.append((writer, up_writer))
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while data := await source.read(65536):
+                await self._flowing.wait()
+                if sink.transport.is_closing():
+                    break
                 sink.write(data)
                 await sink.drain()
         sink.transport.abort()
