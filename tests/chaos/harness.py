@@ -524,6 +524,24 @@ class PrivateRedis:
                 self.kill()
 
 
+def listen(
+    ledger: Ledger, ingress: Service, gateway: Service, boards: list[str]
+) -> list[asyncio.Task[None]]:
+    tasks = [
+        asyncio.create_task(ws_subscriber(ledger, f"ws:{b}", ws_url(ingress, b), b)) for b in boards
+    ]
+    tasks += [
+        asyncio.create_task(
+            sse_subscriber(ledger, f"sse:{b}", sse_board_url(gateway, b), frozenset({b}))
+        )
+        for b in boards
+    ]
+    tasks.append(
+        asyncio.create_task(sse_subscriber(ledger, "sse:activity", sse_activity_url(gateway), None))
+    )
+    return tasks
+
+
 def close_with_rabbitmqctl(ports: list[int], rabbit_port: int = 5672) -> int:
     """Close our own connections from the broker's side (connection.close, 320), found by
     the local ports of the proxy's upstream sockets; returns how many were closed."""

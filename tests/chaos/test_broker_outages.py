@@ -23,42 +23,21 @@ from chaos.harness import (
     Sender,
     close_with_rabbitmqctl,
     kill9,
+    listen,
     metric,
     readiness,
     report,
     scrape,
-    sse_activity_url,
-    sse_board_url,
-    sse_subscriber,
     start_all,
     stop_tasks,
     wait_for,
-    ws_subscriber,
     ws_url,
 )
 from support.brokers import Brokers
-from support.processes import Service, Suite
+from support.processes import Suite
 from support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.brokers]
-
-
-def listen(
-    ledger: Ledger, ingress: Service, gateway: Service, boards: list[str]
-) -> list[asyncio.Task[None]]:
-    tasks = [
-        asyncio.create_task(ws_subscriber(ledger, f"ws:{b}", ws_url(ingress, b), b)) for b in boards
-    ]
-    tasks += [
-        asyncio.create_task(
-            sse_subscriber(ledger, f"sse:{b}", sse_board_url(gateway, b), frozenset({b}))
-        )
-        for b in boards
-    ]
-    tasks.append(
-        asyncio.create_task(sse_subscriber(ledger, "sse:activity", sse_activity_url(gateway), None))
-    )
-    return tasks
 
 
 async def until_sent(ledger: Ledger, count: int) -> None:

@@ -18,15 +18,12 @@ from chaos.harness import (
     Ledger,
     Sender,
     kill9,
+    listen,
     metric,
     report,
     scrape,
-    sse_activity_url,
-    sse_board_url,
-    sse_subscriber,
     start_all,
     stop_tasks,
-    ws_subscriber,
     ws_url,
 )
 from support.processes import Service, Suite
@@ -57,18 +54,7 @@ async def test_three_worker_kills_lose_and_duplicate_nothing(suite: Suite) -> No
     await start_all([*workers, ingress, gateway])
 
     ledger = Ledger()
-    listeners = [
-        asyncio.create_task(ws_subscriber(ledger, f"ws:{b}", ws_url(ingress, b), b)) for b in BOARDS
-    ]
-    listeners += [
-        asyncio.create_task(
-            sse_subscriber(ledger, f"sse:{b}", sse_board_url(gateway, b), frozenset({b}))
-        )
-        for b in BOARDS
-    ]
-    listeners.append(
-        asyncio.create_task(sse_subscriber(ledger, "sse:activity", sse_activity_url(gateway), None))
-    )
+    listeners = listen(ledger, ingress, gateway, BOARDS)
     senders = [Sender(ledger, ws_url(ingress, b), b) for b in BOARDS]
     for sender in senders:
         await sender.__aenter__()

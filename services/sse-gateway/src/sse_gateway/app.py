@@ -33,7 +33,7 @@ from sse_gateway.streams import (
     BoardFeed,
     GatewayMetrics,
     activity_frame,
-    live_board_frame,
+    board_frame,
 )
 
 log = structlog.get_logger("sse_gateway")
@@ -78,7 +78,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
                 stack.push_async_callback(client.aclose)
                 store = RedisActivityStore(client, settings.redis_keys)
             hub: ActivityHub[bytes] = ActivityHub(
-                store, render_board=live_board_frame(metrics), render_activity=activity_frame
+                store, render_board=board_frame, render_activity=activity_frame
             )
             hub.on_event = metrics.delivery.on_event
             hubs["hub"] = hub

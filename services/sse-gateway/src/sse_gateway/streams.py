@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
 import orjson
@@ -61,25 +61,19 @@ def field_safe(text: str) -> str:
     return text
 
 
-def board_frame(event: RelayedEvent) -> bytes:
+def _activity(event: RelayedEvent, event_id: str) -> bytes:
+    """An `activity` frame (sse-starlette's encoder), encoded once per process for all streams."""
     return ServerSentEvent(
-        field_safe(event.event.decode(errors="replace")),
-        id=str(event.sequence),
-        event="activity",
+        field_safe(event.event.decode(errors="replace")), id=event_id, event="activity"
     ).encode()
 
 
-def live_board_frame(metrics: GatewayMetrics) -> Callable[[RelayedEvent], bytes]:
-    """Each live event is framed once per process (sse-starlette's encoder) for all streams."""
-    return board_frame
+def board_frame(event: RelayedEvent) -> bytes:
+    return _activity(event, str(event.sequence))
 
 
 def activity_frame(event: RelayedEvent) -> bytes:
-    return ServerSentEvent(
-        field_safe(event.event.decode(errors="replace")),
-        id=field_safe(event.stream_id),
-        event="activity",
-    ).encode()
+    return _activity(event, field_safe(event.stream_id))
 
 
 def _event(data: Mapping[str, object], kind: str) -> bytes:
