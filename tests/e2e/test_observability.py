@@ -299,15 +299,20 @@ async def test_traces_are_per_event_and_logs_lead_to_them(
     assert duplicate["service"] == "relay-worker"
     assert duplicate["board_id"] == "story" and duplicate["correlation_id"] == "story-0"
     assert re.fullmatch(r"[0-9a-f]{32}", duplicate["trace_id"])
-    resent = [
-        s
-        for s in await otlp.wait_for(
-            lambda spans: any(s.trace_id == duplicate["trace_id"] for s in spans),
-            what="the duplicate's trace",
+
+    # Each service exports its own batches: wait for the worker's span as well as the ingress's.
+    def resent_spans(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.trace_id == duplicate["trace_id"]]
+
+    resent = resent_spans(
+        await otlp.wait_for(
+            lambda spans: (
+                {"receive board event", "relay board event"}
+                <= {s.name for s in resent_spans(spans)}
+            ),
+            what="the duplicate's trace, from the ingress and the worker",
         )
-        if s.trace_id == duplicate["trace_id"]
-    ]
-    assert {"receive board event", "relay board event"} <= {s.name for s in resent}
+    )
     relay = next(s for s in resent if s.name == "relay board event")
     assert relay.attributes["relay.outcome"] == "duplicate"
     for service in (ingress, gateway, worker):
