@@ -20,9 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import orjson
 import psutil
 import uvloop
@@ -123,14 +124,50 @@ class _Receiver:
         self.latencies.append(now_ns - data["payload"]["t_ns"])
 
 
-async def _read_sse(response: aiohttp.ClientResponse, receiver: _Receiver) -> None:
-    # Only what an EventSource does that we need: blocks end at a blank line, `data:` holds
-    # the event, `event: close` is the server cutting a slow consumer.
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        now = time.time_ns()
-        buffer += chunk.replace(b"\r\n", b"\n")
-        *blocks, buffer = buffer.split(b"\n\n")
+class _SseStream(asyncio.Protocol):
+    """One SSE subscriber as a protocol: no task, no stream reader, a callback per TCP read.
+
+    With aiohttp (a response, its stream reader and a task per connection) the subscriber
+    processes needed more CPU per delivery than the gateway itself, on the same 2 cores, and
+    were what bounded the fan-out scenario. httptools (uvicorn's own parser) takes the status
+    line and undoes the chunked encoding; the body is split into events here, keeping only what
+    an EventSource does that we need: blocks end at a blank line, `data:` holds the event,
+    `event: close` is the server cutting a slow consumer.
+    """
+
+    def __init__(self, request: bytes, receiver: _Receiver) -> None:
+        loop = asyncio.get_running_loop()
+        self.request = request
+        self.receiver = receiver
+        self.opened: asyncio.Future[int] = loop.create_future()  # the status code
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.now = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.now = time.time_ns()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionResetError("closed before the headers"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def on_headers_complete(self) -> None:
+        self.opened.set_result(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        *blocks, self.buffer = (self.buffer + body).replace(b"\r\n", b"\n").split(b"\n\n")
         for block in blocks:
             kind = b"message"
             data = b""
@@ -140,10 +177,43 @@ async def _read_sse(response: aiohttp.ClientResponse, receiver: _Receiver) -> No
                 elif line.startswith(b"event:"):
                     kind = line[6:].strip()
             if kind == b"activity" and data:
-                receiver.record(data, now)
+                self.receiver.record(data, self.now)
             elif kind == b"close":
-                receiver.tally.cut += 1
+                self.receiver.tally.cut += 1
+                self.close()
                 return
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _get_request(url: str) -> tuple[str, int, bytes]:
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    )
+    return parts.hostname or "127.0.0.1", parts.port or 80, request.encode()
+
+
+async def _open_sse(url: str, receiver: _Receiver) -> _SseStream | None:
+    """The stream once the server answered 200; None when it could not be opened."""
+    host, port, request = _get_request(url)
+    loop = asyncio.get_running_loop()
+    stream = _SseStream(request, receiver)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await loop.create_connection(lambda: stream, host, port)
+            status = await stream.opened
+    except (OSError, TimeoutError):
+        stream.close()
+        return None
+    if status != 200:
+        stream.close()
+        return None
+    return stream
 
 
 async def _read_ws(connection: websockets.ClientConnection, receiver: _Receiver) -> None:
@@ -170,70 +240,62 @@ async def _subscribe(
     sse_lat: array[int] = array("q")
     gate = asyncio.Semaphore(plan.connect_concurrency)
     receivers: list[_Receiver] = []
-    readers: list[asyncio.Task[None]] = []
+    readers: list[asyncio.Future[None]] = []  # a task per WebSocket, `closed` per SSE stream
     sockets: list[websockets.ClientConnection] = []
-    responses: list[aiohttp.ClientResponse] = []
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    streams: list[_SseStream] = []
 
-        async def open_ws(url: str) -> None:
-            async with gate:
-                try:
-                    connection = await websockets.connect(
-                        url, max_size=None, ping_interval=None, open_timeout=CONNECT_TIMEOUT
-                    )
-                except (OSError, TimeoutError, websockets.InvalidHandshake):
-                    ws_tally.connect_failures += 1
-                    return
-            ws_tally.connections += 1
-            sockets.append(connection)
-            receiver = _Receiver(ws_tally, prefix, ws_lat)
-            receivers.append(receiver)
-            readers.append(asyncio.create_task(_read_ws(connection, receiver)))
+    async def open_ws(url: str) -> None:
+        async with gate:
+            try:
+                connection = await websockets.connect(
+                    url, max_size=None, ping_interval=None, open_timeout=CONNECT_TIMEOUT
+                )
+            except (OSError, TimeoutError, websockets.InvalidHandshake):
+                ws_tally.connect_failures += 1
+                return
+        ws_tally.connections += 1
+        sockets.append(connection)
+        receiver = _Receiver(ws_tally, prefix, ws_lat)
+        receivers.append(receiver)
+        readers.append(asyncio.create_task(_read_ws(connection, receiver)))
 
-        async def open_sse(url: str) -> None:
-            async with gate:
-                try:
-                    response = await session.get(url)
-                except (OSError, TimeoutError, aiohttp.ClientError):
-                    sse_tally.connect_failures += 1
-                    return
-                if response.status != 200:
-                    response.release()
-                    sse_tally.connect_failures += 1
-                    return
-            sse_tally.connections += 1
-            responses.append(response)
-            receiver = _Receiver(sse_tally, prefix, sse_lat)
-            receivers.append(receiver)
-            readers.append(asyncio.create_task(_read_sse(response, receiver)))
+    async def open_sse(url: str) -> None:
+        receiver = _Receiver(sse_tally, prefix, sse_lat)
+        async with gate:
+            stream = await _open_sse(url, receiver)
+        if stream is None:
+            sse_tally.connect_failures += 1
+            return
+        sse_tally.connections += 1
+        streams.append(stream)
+        receivers.append(receiver)
+        readers.append(stream.closed)
 
-        await asyncio.gather(*(open_ws(u) for u in ws_urls), *(open_sse(u) for u in sse_urls))
-        ready.put(("ready", ws_tally.connect_failures + sse_tally.connect_failures))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, go.wait)
-        started_cpu[0] = _cpu_now()
-        if not hold:
-            deadline: float | None = None
-            while True:
-                await asyncio.sleep(0.05)
-                want = expected.value
-                if want < 0:
-                    continue
-                if deadline is None:
-                    deadline = time.monotonic() + plan.grace
-                finished = all(r.unique >= want for r in receivers)
-                if finished or time.monotonic() > deadline or all(t.done() for t in readers):
-                    break
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        for connection in sockets:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 2)
-        for response in responses:
-            response.close()
+    await asyncio.gather(*(open_ws(u) for u in ws_urls), *(open_sse(u) for u in sse_urls))
+    ready.put(("ready", ws_tally.connect_failures + sse_tally.connect_failures))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, go.wait)
+    started_cpu[0] = _cpu_now()
+    if not hold:
+        deadline: float | None = None
+        while True:
+            await asyncio.sleep(0.05)
+            want = expected.value
+            if want < 0:
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + plan.grace
+            finished = all(r.unique >= want for r in receivers)
+            if finished or time.monotonic() > deadline or all(r.done() for r in readers):
+                break
+    for stream in streams:
+        stream.close()
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    for connection in sockets:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 2)
     for receiver in receivers:
         receiver.tally.unique.append(receiver.unique)
     ws_tally.latencies_ns = ws_lat.tobytes()
