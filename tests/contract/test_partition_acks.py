@@ -12,16 +12,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import aio_pika
 import orjson
 import pytest
 import redis.asyncio as redis
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
-from envelope import codec
 from envelope.memory import MemoryStore, RelayOutcome
-from envelope.models import BoardEventEnvelope
 from envelope.topology import RedisKeys, Topology
 from prometheus_client import CollectorRegistry
 from relay_worker.adapters.rabbitmq import AmqpDelivery, PartitionAcks, PartitionInbox
@@ -29,22 +26,9 @@ from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WorkerSettings
 from support.brokers import Brokers
+from support.envelopes import envelope_body
 
 pytestmark = [pytest.mark.brokers]
-
-
-def envelope_body(correlation_id: str, board_id: str = "acks") -> bytes:
-    return codec.dumps(
-        BoardEventEnvelope(
-            event_id=uuid.uuid4(),
-            correlation_id=correlation_id,
-            board_id=board_id,
-            type="note.created",
-            payload={"n": correlation_id},
-            sender="s",
-            occurred_at=datetime.now(UTC),
-        )
-    )
 
 
 class FailingStore(MemoryStore):
@@ -136,7 +120,7 @@ def relay_on(store: MemoryStore) -> Relay:
 
 
 async def test_a_batch_is_acked_with_one_multiple_ack(partition: Partition) -> None:
-    await publish(partition, [envelope_body(f"ok-{n}") for n in range(5)])
+    await publish(partition, [envelope_body("acks", f"ok-{n}") for n in range(5)])
     inbox = PartitionInbox(partition.channel)
     await partition.queue.consume(inbox.deliver)
     acks = PartitionAcks()
@@ -155,7 +139,7 @@ async def test_a_failed_delivery_in_the_middle_is_not_acked_by_the_multiple_ack(
     partition: Partition,
 ) -> None:
     ids = [f"m-{n}" for n in range(6)]
-    await publish(partition, [envelope_body(i) for i in ids])
+    await publish(partition, [envelope_body("acks", i) for i in ids])
     inbox = PartitionInbox(partition.channel)
     await partition.queue.consume(inbox.deliver)
     acks = PartitionAcks()
@@ -183,7 +167,7 @@ async def test_a_failed_delivery_in_the_middle_is_not_acked_by_the_multiple_ack(
 async def test_a_channel_with_a_delivery_left_unsettled_is_acked_one_by_one(
     partition: Partition,
 ) -> None:
-    await publish(partition, [envelope_body(f"u-{n}") for n in range(5)])
+    await publish(partition, [envelope_body("acks", f"u-{n}") for n in range(5)])
     inbox = PartitionInbox(partition.channel)
     await partition.queue.consume(inbox.deliver)
     acks = PartitionAcks()
@@ -225,7 +209,7 @@ async def test_the_relay_pipeline_reloads_a_script_redis_lost(brokers: Brokers) 
     # the pipeline's EVALSHA meets NOSCRIPT.
     store._script.sha = "0" * 40
     try:
-        steps = [("lost", f"id-{n}", envelope_body(f"id-{n}", "lost")) for n in range(3)]
+        steps = [("lost", f"id-{n}", envelope_body("lost", f"id-{n}")) for n in range(3)]
         outcomes = await store.relay_many(steps, 60)
         assert [(o.delivered, o.sequence) for o in outcomes if isinstance(o, RelayOutcome)] == [
             (True, 1),

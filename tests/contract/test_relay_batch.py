@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import orjson
 import pytest
 import redis.asyncio as redis
-from envelope import codec
 from envelope.feed import ActivityStore, RedisActivityStore
 from envelope.memory import MemoryStore
-from envelope.models import BoardEventEnvelope
 from envelope.topology import RedisKeys
 from prometheus_client import CollectorRegistry
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import BatchNotRelayed, Relay, RelayMetrics, RelayStore
 from relay_worker.settings import WorkerSettings
 from support.brokers import Brokers
+from support.envelopes import envelope_body
 
 pytestmark = [pytest.mark.brokers]
 
@@ -44,19 +42,6 @@ class RecordedDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         self._settled.append(("dead_letter", self._name))
-
-
-def envelope_body(board_id: str, correlation_id: str) -> bytes:
-    envelope = BoardEventEnvelope(
-        event_id=uuid.uuid4(),
-        correlation_id=correlation_id,
-        board_id=board_id,
-        type="note.created",
-        payload={"n": correlation_id},
-        sender="s",
-        occurred_at=datetime.now(UTC),
-    )
-    return codec.dumps(envelope)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -19,13 +19,13 @@ import redis.asyncio as redis
 from envelope import codec
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryStore
-from envelope.models import BoardEventEnvelope
 from envelope.topology import RedisKeys
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.publisher import PresenceStore
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers
+from support.envelopes import board_event
 
 RETENTION = 50
 
@@ -60,16 +60,8 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
 
 
 def body(board_id: str, correlation_id: str) -> bytes:
-    envelope = BoardEventEnvelope(
-        event_id=uuid.uuid4(),
-        correlation_id=correlation_id,
-        board_id=board_id,
-        type="note.created",
-        payload={"text": correlation_id},
-        sender="s",
-        occurred_at=datetime.now(UTC),
-    )
-    return codec.activity_body(envelope, datetime.now(UTC))
+    """An activity body, as the worker writes it to Redis."""
+    return codec.activity_body(board_event(board_id, correlation_id), datetime.now(UTC))
 
 
 def decoded(event: bytes) -> dict[str, Any]:
