@@ -1,4 +1,4 @@
-"""Board events as the ingress would have published them, for the tests that drive the worker."""
+"""Board events as the ingress publishes them, for the tests of the worker and of the feeds."""
 
 from __future__ import annotations
 

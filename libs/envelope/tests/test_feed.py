@@ -14,20 +14,11 @@ from envelope import codec
 from envelope.codec import RelayedEvent
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
 from envelope.memory import MemoryStore, RelayOutcome
-from envelope.models import BoardEventEnvelope
+from support.envelopes import board_event
 
 
 def body(board_id: str, correlation_id: str) -> bytes:
-    envelope = BoardEventEnvelope(
-        event_id=uuid.uuid4(),
-        correlation_id=correlation_id,
-        board_id=board_id,
-        type="note.created",
-        payload={},
-        sender="s",
-        occurred_at=datetime.now(UTC),
-    )
-    return codec.activity_body(envelope, datetime.now(UTC))
+    return codec.activity_body(board_event(board_id, correlation_id), datetime.now(UTC))
 
 
 class FaultyStore(MemoryStore):

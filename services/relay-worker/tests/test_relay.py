@@ -8,7 +8,6 @@ the Lua step's semantics (idempotency key, gapless sequence, streams, publish).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from relay_worker.adapters.memory import ATTEMPTS, MemoryDelivery, consume_memory
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WorkerSettings
+from support.envelopes import board_event
 
 MAX_RETRIES = 3
 
@@ -39,16 +39,7 @@ def settings(**overrides: object) -> WorkerSettings:
 
 
 def envelope(board_id: str, correlation_id: str, **fields: object) -> bytes:
-    model = BoardEventEnvelope(
-        event_id=uuid.uuid4(),
-        correlation_id=correlation_id,
-        board_id=board_id,
-        type="note.created",
-        payload={"id": correlation_id},
-        sender="s",
-        occurred_at=datetime.now(UTC),
-    )
-    data = {**model.model_dump(mode="json"), **fields}
+    data = {**board_event(board_id, correlation_id).model_dump(mode="json"), **fields}
     return orjson.dumps(data)
 
 
