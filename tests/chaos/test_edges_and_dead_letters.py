@@ -38,6 +38,7 @@ from chaos.harness import (
     ws_url,
 )
 from conftest import TOKEN
+from support.clients import stalled_sse
 
 pytestmark = [pytest.mark.chaos, pytest.mark.brokers]
 
@@ -176,21 +177,6 @@ async def test_resume_with_an_expired_cursor_gets_a_reset(edge_suite: EdgeSuite)
     print(f"\nexpired cursor 5 -> reset, oldest retained sequence {oldest}")
 
 
-async def stalled_sse(gateway_port: int, board: str) -> socket.socket:
-    """An SSE client that reads the response head and then nothing: its receive buffer is
-    tiny, so the server's writes back up at once."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", gateway_port))
-    request = f"GET /sse/boards/{board}?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n"
-    await loop.sock_sendall(sock, request.encode())
-    head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return sock
-
-
 async def drain_socket(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
     """Read what the server left, until it closed the connection (True) or `timeout`."""
     loop = asyncio.get_running_loop()
@@ -260,7 +246,7 @@ async def test_a_stalled_client_is_cut_off_while_others_keep_their_latency(
 
         # Two clients stop reading: an SSE stream and a WebSocket (the websockets library
         # stops reading the socket once `max_queue` frames wait unread).
-        stalled_stream = await stalled_sse(gateway.port, board)
+        stalled_stream = await stalled_sse(gateway.port, board, TOKEN)
         stalled_ws = await websockets.connect(
             ws_url(ingress, board), max_size=None, max_queue=1, ping_interval=None
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -120,3 +121,18 @@ async def board(url: str, **kwargs: Any) -> AsyncIterator[BoardClient]:
             yield client
         finally:
             client._task.cancel()
+
+
+async def stalled_sse(port: int, board: str, token: str) -> socket.socket:
+    """An SSE client that reads the response head and then nothing: its receive buffer is
+    tiny, so the server's writes back up at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = f"GET /sse/boards/{board}?token={token} HTTP/1.1\r\nHost: x\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock

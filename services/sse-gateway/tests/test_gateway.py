@@ -19,7 +19,7 @@ from envelope.models import BoardEventEnvelope
 from fastapi import FastAPI
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
-from support.clients import sse
+from support.clients import sse, stalled_sse
 
 TOKEN = "gateway-unit-token"
 
@@ -234,15 +234,7 @@ async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(
         _app,
     ):
         port = int(url.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        request = f"GET /sse/boards/stall?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n"
-        await loop.sock_sendall(sock, request.encode())
-        head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)
-        assert head.startswith(b"HTTP/1.1 200")
+        sock = await stalled_sse(port, "stall", TOKEN)
         await until(lambda: _equals(gauge(url), 1))
         try:
             # Large events until the socket's buffers are full and a write blocks.
