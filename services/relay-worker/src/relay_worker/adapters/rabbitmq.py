@@ -27,6 +27,9 @@ log = structlog.get_logger("relay_worker")
 REASON_HEADER = "x-advanced-failure-reason"
 ATTEMPTS_HEADER = "x-advanced-attempts"
 ROUTING_KEY_HEADER = "x-advanced-routing-key"
+# A DLQ publish not confirmed by then counts as refused: the partition pauses and tries again
+# (aio-pika would wait for ever for a broker that stopped confirming).
+DLQ_CONFIRM_TIMEOUT_SECONDS = 15.0
 
 
 async def declare_topology(
@@ -118,7 +121,8 @@ class AmqpDelivery:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=self._topology.dlq_queue,
-            mandatory=True,
+            mandatory=True,  # unroutable raises, as a nack does (x-overflow=reject-publish)
+            timeout=DLQ_CONFIRM_TIMEOUT_SECONDS,
         )
         await self._message.ack()  # only once the DLQ holds it (publisher confirm)
 
