@@ -156,8 +156,9 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             connection is not None and not connection.is_closed and connection.connected.is_set()
         )
         redis_ok = runtime.redis_up is not None and await runtime.redis_up()
-        # False while any partition is paused by an infrastructure fault (messages held).
-        flowing = runtime.consumer is None or not runtime.consumer.paused
+        # False while an infrastructure fault holds the relay (Redis answering PING is not
+        # Redis taking writes).
+        flowing = runtime.consumer is None or runtime.consumer.flowing
         return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok, "relay_flowing": flowing}
 
     add_operations(app, settings, registry, readiness)

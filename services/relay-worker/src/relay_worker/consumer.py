@@ -73,6 +73,7 @@ class PartitionedConsumer:
         self._interval = lease_ms / 3000
         self._store_writable = store_writable
         self._paused: set[int] = set()
+        self._leases_failing = False
         self._owned: dict[int, _Partition] = {}
         self._depth_channel: AbstractChannel | None = None
         self._depth = Gauge(
@@ -113,12 +114,19 @@ class PartitionedConsumer:
         """Partitions waiting for the infrastructure, with their messages held."""
         return set(self._paused)
 
+    @property
+    def flowing(self) -> bool:
+        """False while a partition is paused or the leases cannot be renewed (Redis refusing
+        writes stops the lease renewal too: the partitions are then handed back)."""
+        return not self._paused and not self._leases_failing
+
     async def run(self) -> None:
         renewed_at = time.monotonic()
         while True:
             try:
                 start, stop = await self._leases.plan(self.owned)
             except (RedisError, OSError) as exc:
+                self._leases_failing = True
                 if self._owned and time.monotonic() - renewed_at > self._lease_seconds:
                     # Our leases have expired in Redis: another worker may hold them now.
                     log.warning(
@@ -132,6 +140,7 @@ class PartitionedConsumer:
                     log.warning("partition leases unavailable; retrying", error=str(exc))
             else:
                 renewed_at = time.monotonic()
+                self._leases_failing = False
                 for partition in stop:
                     await self._stop(partition, release=True)
                 for partition in start:
