@@ -7,9 +7,9 @@
   replica): nothing is retried or dead-lettered, nothing is relayed, the partition pauses
   (`/readyz` 503, a metric), its leases lapse and its messages go back to RabbitMQ; once
   Redis takes writes again every acked event is relayed once, in order, and the DLQ is empty.
-- A DLQ publish that RabbitMQ refuses (the DLQ queue is gone: the publish routes nowhere):
-  the partition does not move past the message, retries the DLQ publish, and goes on once
-  the DLQ is back.
+- A DLQ publish that RabbitMQ refuses (the DLQ queue is gone: the publish routes nowhere) or
+  never confirms (the worker's link blackholed): the partition does not move past the
+  message, retries the DLQ publish, and goes on once the DLQ takes it.
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
 import orjson
 import pytest
 import redis.asyncio as redis
-from chaos.harness import PrivateRedis, metric, scrape, wait_for
+from chaos.harness import PrivateRedis, metric, scrape, start_all, wait_for
 from envelope.topology import Topology
 from support.brokers import Brokers
 from support.envelopes import board_event, envelope_body
 from support.processes import Service, Suite
+from support.proxy import TcpProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.brokers]
 
@@ -320,3 +322,69 @@ async def test_a_refused_dlq_publish_holds_the_partition_until_the_dlq_takes_it(
     assert [body for body, _headers in letters] == [b"{not json"]
     assert "not JSON" in letters[0][1]["x-advanced-failure-reason"]
     assert metric(scrape(worker), "advanced_worker_partitions_paused") == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_dlq_publish_rabbitmq_never_confirms_holds_the_partition(
+    suite: Suite, brokers: Brokers
+) -> None:
+    """The worker's link to RabbitMQ goes silent under a dead letter: no confirm within the
+    timeout is a refusal; the partition does not move past the message; once the link is cut
+    RabbitMQ redelivers it in order and it reaches the DLQ once."""
+    target = urlsplit(brokers.rabbitmq_url)
+    proxy = await TcpProxy(target.hostname or "127.0.0.1", target.port or 5672).start()
+    through_proxy = target._replace(
+        netloc=f"{target.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}"
+    )
+    worker = suite.start(
+        "worker",
+        ADVANCED_RABBITMQ_URL=through_proxy.geturl(),
+        ADVANCED_RABBITMQ_CONFIRM_TIMEOUT_SECONDS="1",
+        wait=False,
+        **WORKER,
+    )
+    await start_all([worker])  # in a thread: the proxy runs on this loop
+    topology = topology_of(suite)
+    prefix = suite.env["ADVANCED_REDIS_KEY_PREFIX"]
+    client = redis.from_url(brokers.redis_url)
+    try:
+        # First refused (the DLQ is gone), so that the dead letter is in hand when the
+        # link goes silent.
+        async with amqp(brokers) as channel:
+            await channel.queue_delete(topology.dlq_queue)
+        await publish_to_partition(
+            brokers, topology, BOARD, [b"{not json", envelope_body(BOARD, "behind")]
+        )
+
+        def faults() -> float:
+            return metric(
+                scrape(worker), "advanced_worker_infrastructure_faults_total", source="rabbitmq"
+            )
+
+        async def refused() -> bool:
+            return faults() >= 1
+
+        await wait_for(refused, 20, "the first refused DLQ publish")
+        proxy.blackhole()
+        refused_before = faults()
+        async with amqp(brokers) as channel:
+            await channel.declare_queue(topology.dlq_queue, durable=True)
+
+        async def unconfirmed_twice() -> bool:
+            return faults() >= refused_before + 2
+
+        await wait_for(unconfirmed_twice, 20, "two DLQ publishes left unconfirmed")
+        assert await relayed(client, prefix, BOARD) == []
+        assert await depth(brokers, topology.dlq_queue) == 0
+
+        proxy.cut()  # the silent link is reset: the robust connection reconnects
+
+        async def behind_relayed() -> bool:
+            return await relayed(client, prefix, BOARD) == [(1, "behind")]
+
+        await wait_for(behind_relayed, 30, "the event behind the dead letter")
+    finally:
+        await client.aclose()
+        await proxy.stop()
+    letters = await dead_letters(brokers, topology)
+    assert [body for body, _headers in letters] == [b"{not json"]

@@ -122,6 +122,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                     lease_ms=settings.partition_lease_ms,
                     registry=registry,
                     store_writable=redis_writable,
+                    confirm_timeout=settings.rabbitmq_confirm_timeout_seconds,
                 )
                 runtime.consumer = consumer
                 log.info(

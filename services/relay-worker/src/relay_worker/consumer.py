@@ -63,7 +63,9 @@ class PartitionedConsumer:
         lease_ms: int,
         registry: CollectorRegistry,
         store_writable: Callable[[], Awaitable[bool]] | None = None,
+        confirm_timeout: float = 15.0,
     ) -> None:
+        self._confirm_timeout = confirm_timeout
         self._connection = connection
         self._relay = relay
         self._leases = leases
@@ -201,7 +203,14 @@ class PartitionedConsumer:
                 # batch: one Redis pipeline instead of a round trip per message.
                 while (batch := await inbox.next_batch(self._prefetch)) is not None:
                     deliveries = [
-                        AmqpDelivery(message, channel, self._topology, name) for message in batch
+                        AmqpDelivery(
+                            message,
+                            channel,
+                            self._topology,
+                            name,
+                            confirm_timeout=self._confirm_timeout,
+                        )
+                        for message in batch
                     ]
                     await self._relay_batch(partition, deliveries, busy, acks)
             finally:
@@ -226,6 +235,13 @@ class PartitionedConsumer:
         delay = _PAUSE_FIRST
         try:
             while True:
+                if any(_channel_lost(delivery) for delivery in pending):
+                    # Their channel is gone: RabbitMQ redelivers them, in order, on the next,
+                    # with every earlier message handed back with it. Relaying them now
+                    # would put them ahead of those.
+                    acks.left_unsettled(pending)
+                    self._unsettled_batch(partition, len(pending))
+                    return
                 async with busy:
                     outcomes = await self._relay.handle_batch(
                         pending, acknowledge=acks.ack_in_order
@@ -233,11 +249,6 @@ class PartitionedConsumer:
                 if "held" not in outcomes:
                     return
                 pending = pending[outcomes.index("held") :]
-                if any(_channel_lost(delivery) for delivery in pending):
-                    # Their channel is gone: RabbitMQ redelivers them, in order, on the next.
-                    acks.left_unsettled(pending)
-                    self._unsettled_batch(partition, len(pending))
-                    return
                 self._pause(partition, len(pending))
                 await asyncio.sleep(delay)
                 await self._wait_until_writable()

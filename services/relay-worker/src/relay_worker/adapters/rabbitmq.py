@@ -27,9 +27,6 @@ log = structlog.get_logger("relay_worker")
 REASON_HEADER = "x-advanced-failure-reason"
 ATTEMPTS_HEADER = "x-advanced-attempts"
 ROUTING_KEY_HEADER = "x-advanced-routing-key"
-# A DLQ publish not confirmed by then counts as refused: the partition pauses and tries again
-# (aio-pika would wait for ever for a broker that stopped confirming).
-DLQ_CONFIRM_TIMEOUT_SECONDS = 15.0
 
 
 async def declare_topology(
@@ -81,8 +78,11 @@ class AmqpDelivery:
         channel: AbstractChannel,
         topology: Topology,
         queue: str,
+        *,
+        confirm_timeout: float = 15.0,
     ) -> None:
         self.body = message.body
+        self._confirm_timeout = confirm_timeout
         self.attempts = failed_attempts(message, queue)
         self._message = message
         self._channel = channel
@@ -122,7 +122,7 @@ class AmqpDelivery:
             ),
             routing_key=self._topology.dlq_queue,
             mandatory=True,  # unroutable raises, as a nack does (x-overflow=reject-publish)
-            timeout=DLQ_CONFIRM_TIMEOUT_SECONDS,
+            timeout=self._confirm_timeout,  # no confirm by then: refused, the partition pauses
         )
         await self._message.ack()  # only once the DLQ holds it (publisher confirm)
 
