@@ -281,7 +281,8 @@ class Relay:
                     return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
             except Exception as exc:
                 if redis_fault(exc):
-                    return [exc] * len(steps)  # Redis took none of them: all are held
+                    # All held; a step Redis ran before the fault comes back a duplicate.
+                    return [exc] * len(steps)
                 # Not Redis's doing: one at a time, so only the step that fails pays for it.
                 log.warning("relay pipeline failed; relaying one at a time", error=repr(exc))
         results: list[RelayOutcome | BaseException] = []
