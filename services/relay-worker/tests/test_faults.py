@@ -112,6 +112,29 @@ class FaultyStore(MemoryStore):
         return await super().relay(board_id, correlation_id, body, ttl_seconds)
 
 
+class PipelinedFaultyStore(FaultyStore):
+    """The same, with `relay_many` as `RedisRelayStore` offers it: one result or exception per
+    step; a lost connection fails the whole pipeline; a lasting refusal (OOM, READONLY) fails
+    every step from the first refused one on, as Redis does."""
+
+    async def relay_many(
+        self, steps: list[tuple[str, str, bytes]], ttl_seconds: int
+    ) -> list[RelayOutcome | BaseException]:
+        results: list[RelayOutcome | BaseException] = []
+        for board_id, correlation_id, body in steps:
+            fault = self.faults.get(correlation_id)
+            if isinstance(fault, (redis_errors.ConnectionError, OSError)):
+                raise fault
+            if results and isinstance(results[-1], BaseException) and redis_fault(results[-1]):
+                results.append(results[-1])
+                continue
+            try:
+                results.append(await self.relay(board_id, correlation_id, body, ttl_seconds))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+
 class Recorded:
     """A delivery that writes down how it was settled; settling raises `refuse` if set."""
 
@@ -163,6 +186,7 @@ original_activity_body = relay_module.activity_body
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=8),
     infra=st.sampled_from(INFRASTRUCTURE),
     message_fault=st.sampled_from(OF_THE_MESSAGE),
+    pipelined=st.booleans(),
     refusal=st.sampled_from(
         [
             DeliveryError(None, Basic.Nack(delivery_tag=1)),  # the DLQ refused the publish
@@ -173,16 +197,24 @@ original_activity_body = relay_module.activity_body
 )
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_no_fault_of_any_step_escapes_and_each_ends_where_it_belongs(
-    kinds: list[str], infra: Exception, message_fault: Exception, refusal: Exception
+    kinds: list[str],
+    infra: Exception,
+    message_fault: Exception,
+    pipelined: bool,
+    refusal: Exception,
 ) -> None:
     with patch.object(relay_module, "activity_body", failing_activity_body):
-        asyncio.run(_scenario(kinds, infra, message_fault, refusal))
+        asyncio.run(_scenario(kinds, infra, message_fault, refusal, pipelined))
 
 
 async def _scenario(
-    kinds: list[str], infra: Exception, message_fault: Exception, refusal: Exception
+    kinds: list[str],
+    infra: Exception,
+    message_fault: Exception,
+    refusal: Exception,
+    pipelined: bool,
 ) -> None:
-    store = FaultyStore()
+    store = PipelinedFaultyStore() if pipelined else FaultyStore()
     relay = relay_for(store)
     log: list[tuple[str, str]] = []
     deliveries = []
