@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from envelope.memory import MemoryStore, RelayOutcome
 from envelope.topology import RedisKeys, Topology
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ResponseError
 from relay_worker.adapters.rabbitmq import AmqpDelivery, PartitionAcks, PartitionInbox
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import Relay, RelayMetrics
@@ -42,7 +43,8 @@ class FailingStore(MemoryStore):
         self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
     ) -> RelayOutcome:
         if correlation_id in self.failing:
-            raise ConnectionError("Redis is unreachable")
+            # A failure of the message (not of Redis): it takes the retry path.
+            raise ResponseError("value is not an integer or out of range")
         return await super().relay(board_id, correlation_id, body, ttl_seconds)
 
 

@@ -8,7 +8,7 @@ the Lua step's semantics (idempotency key, gapless sequence, streams, publish).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -19,6 +19,7 @@ from envelope.memory import MemoryBroker, MemoryMessage, MemoryStore, RelayOutco
 from envelope.models import BoardEventEnvelope
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from redis.exceptions import ResponseError
 from relay_worker.adapters.memory import ATTEMPTS, MemoryDelivery, consume_memory
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WorkerSettings
@@ -43,12 +44,18 @@ def envelope(board_id: str, correlation_id: str, **fields: object) -> bytes:
     return orjson.dumps(data)
 
 
-class FlakyStore(MemoryStore):
-    """A store whose relay step fails `failures` times first, as Redis does when it is away."""
+def script_error() -> Exception:
+    """A relay step that fails because of what the message's keys hold: the message's fault."""
+    return ResponseError("value is not an integer or out of range script: 1, on @user_script:3.")
 
-    def __init__(self, failures: int) -> None:
+
+class FlakyStore(MemoryStore):
+    """A store whose relay step fails `failures` times first, with `error()`."""
+
+    def __init__(self, failures: int, error: Callable[[], Exception] = script_error) -> None:
         super().__init__()
         self.failures = failures
+        self.error = error
         self.calls = 0
 
     async def relay(
@@ -57,7 +64,7 @@ class FlakyStore(MemoryStore):
         self.calls += 1
         if self.failures > 0:
             self.failures -= 1
-            raise ConnectionError("Redis is unreachable")
+            raise self.error()
         return await super().relay(board_id, correlation_id, body, ttl_seconds)
 
 
@@ -198,7 +205,7 @@ async def test_a_failing_store_is_retried_then_dead_lettered_with_the_attempt_co
     [letter] = broker.dead_letters
     assert store.calls == MAX_RETRIES + 1
     assert letter.headers[ATTEMPTS] == MAX_RETRIES + 1
-    assert "ConnectionError: Redis is unreachable" in str(
+    assert "ResponseError: value is not an integer" in str(
         letter.headers["x-advanced-failure-reason"]
     )
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 SCHEMA_VERSION = "1"
 """The envelope's major version. Readers accept any `1` or `1.x`, refuse other majors."""
@@ -63,7 +63,8 @@ class BoardEventEnvelope(_Wire):
     type: EventType
     payload: dict[str, Any]
     sender: str
-    occurred_at: datetime
+    # With its UTC offset: a naive time cannot be compared with the relay's clock.
+    occurred_at: AwareDatetime
     trace_context: dict[str, str] = Field(default_factory=dict)
     # Who may deduplicate against whom: a digest of the sender's credential subject. The
     # worker's idempotency key carries it, so one writer cannot pre-claim another's `id`.

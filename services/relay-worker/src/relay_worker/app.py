@@ -86,6 +86,15 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                     return False
 
             runtime.redis_up = redis_up
+            probe_key = f"{keys.prefix}worker-probe:{worker_id}"
+
+            async def redis_writable() -> bool:
+                # A small real write under the prefix, gone by itself: Redis can answer PING
+                # while it refuses writes (OOM under noeviction, a READONLY replica, MISCONF).
+                try:
+                    return bool(await client.set(probe_key, b"1", px=10_000))
+                except (redis.RedisError, OSError):
+                    return False
 
             async def connect() -> None:
                 # A name per process, so an operator (or a fault test) can tell workers apart.
@@ -116,7 +125,8 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                     prefetch=settings.rabbitmq_prefetch,
                     lease_ms=settings.partition_lease_ms,
                     registry=registry,
-                    store_available=redis_up,
+                    store_writable=redis_writable,
+                    confirm_timeout=settings.rabbitmq_confirm_timeout_seconds,
                 )
                 runtime.consumer = consumer
                 log.info(
@@ -143,7 +153,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
     async def readiness() -> dict[str, bool]:
         if settings.event_transport == "memory":
-            return {"rabbitmq_connected": True, "redis_connected": True}
+            return {"rabbitmq_connected": True, "redis_connected": True, "relay_flowing": True}
         connection = runtime.connection
         # A robust connection is not "closed" while it reconnects; `connected` says whether
         # it is up right now.
@@ -151,7 +161,10 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             connection is not None and not connection.is_closed and connection.connected.is_set()
         )
         redis_ok = runtime.redis_up is not None and await runtime.redis_up()
-        return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok}
+        # False while an infrastructure fault holds the relay (Redis answering PING is not
+        # Redis taking writes).
+        flowing = runtime.consumer is None or runtime.consumer.flowing
+        return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok, "relay_flowing": flowing}
 
     add_operations(app, settings, registry, readiness)
     return app

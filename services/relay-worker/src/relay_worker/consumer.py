@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from envelope.topology import Topology
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
@@ -22,14 +21,18 @@ from relay_worker.adapters.rabbitmq import (
     partition_messages,
 )
 from relay_worker.adapters.redis import PartitionLeases
-from relay_worker.relay import BatchNotRelayed, Relay
+from relay_worker.relay import Relay
 
 log = structlog.get_logger("relay_worker")
 
-# Settling (ack, reject, DLQ publish) fails like this when the channel or connection that
-# delivered the message is gone; RabbitMQ then redelivers the message, and the relay
-# step's idempotency key turns a second relay into a skipped duplicate.
-SETTLE_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
+# Back-off of a paused partition between attempts (seconds).
+_PAUSE_FIRST = 0.1
+_PAUSE_LONGEST = 2.0
+
+
+def _channel_lost(delivery: AmqpDelivery) -> bool:
+    channel = delivery.delivered_on
+    return channel is None or channel.is_closed
 
 
 @dataclass
@@ -59,8 +62,10 @@ class PartitionedConsumer:
         prefetch: int,
         lease_ms: int,
         registry: CollectorRegistry,
-        store_available: Callable[[], Awaitable[bool]] | None = None,
+        store_writable: Callable[[], Awaitable[bool]] | None = None,
+        confirm_timeout: float = 15.0,
     ) -> None:
+        self._confirm_timeout = confirm_timeout
         self._connection = connection
         self._relay = relay
         self._leases = leases
@@ -68,7 +73,9 @@ class PartitionedConsumer:
         self._prefetch = prefetch
         self._lease_seconds = lease_ms / 1000
         self._interval = lease_ms / 3000
-        self._store_available = store_available
+        self._store_writable = store_writable
+        self._paused: set[int] = set()
+        self._leases_failing = False
         self._owned: dict[int, _Partition] = {}
         self._depth_channel: AbstractChannel | None = None
         self._depth = Gauge(
@@ -80,6 +87,12 @@ class PartitionedConsumer:
         self._partitions_gauge = Gauge(
             "advanced_worker_partitions_owned",
             "Partitions this worker consumes now.",
+            registry=registry,
+        )
+        self._paused_gauge = Gauge(
+            "advanced_worker_partitions_paused",
+            "Partitions paused by an infrastructure fault, their messages held until a write "
+            "to Redis succeeds and RabbitMQ takes the settlements again.",
             registry=registry,
         )
         self._unsettled = Counter(
@@ -98,12 +111,24 @@ class PartitionedConsumer:
     def owned(self) -> set[int]:
         return set(self._owned)
 
+    @property
+    def paused(self) -> set[int]:
+        """Partitions waiting for the infrastructure, with their messages held."""
+        return set(self._paused)
+
+    @property
+    def flowing(self) -> bool:
+        """False while a partition is paused or the leases cannot be renewed (Redis refusing
+        writes stops the lease renewal too: the partitions are then handed back)."""
+        return not self._paused and not self._leases_failing
+
     async def run(self) -> None:
         renewed_at = time.monotonic()
         while True:
             try:
                 start, stop = await self._leases.plan(self.owned)
             except (RedisError, OSError) as exc:
+                self._leases_failing = True
                 if self._owned and time.monotonic() - renewed_at > self._lease_seconds:
                     # Our leases have expired in Redis: another worker may hold them now.
                     log.warning(
@@ -117,6 +142,7 @@ class PartitionedConsumer:
                     log.warning("partition leases unavailable; retrying", error=str(exc))
             else:
                 renewed_at = time.monotonic()
+                self._leases_failing = False
                 for partition in stop:
                     await self._stop(partition, release=True)
                 for partition in start:
@@ -177,7 +203,14 @@ class PartitionedConsumer:
                 # batch: one Redis pipeline instead of a round trip per message.
                 while (batch := await inbox.next_batch(self._prefetch)) is not None:
                     deliveries = [
-                        AmqpDelivery(message, channel, self._topology, name) for message in batch
+                        AmqpDelivery(
+                            message,
+                            channel,
+                            self._topology,
+                            name,
+                            confirm_timeout=self._confirm_timeout,
+                        )
+                        for message in batch
                     ]
                     await self._relay_batch(partition, deliveries, busy, acks)
             finally:
@@ -190,57 +223,70 @@ class PartitionedConsumer:
         busy: asyncio.Lock,
         acks: PartitionAcks,
     ) -> None:
-        async with busy:
-            try:
-                outcomes = await self._relay.handle_batch(deliveries, acknowledge=acks.ack_in_order)
-            except BatchNotRelayed as exc:
-                # Redis failed the whole pipeline before anything was settled: go one by one,
-                # so that only the first message takes the retry path while Redis is away.
-                log.warning(
-                    "relay pipeline failed; relaying one message at a time",
-                    partition=partition,
-                    error=repr(exc.__cause__),
-                )
-                outcomes = None
-            except SETTLE_ERRORS as exc:
-                acks.left_unsettled(deliveries)
-                self._unsettled_batch(partition, exc)
-                return
-        if outcomes is None:
-            for index, delivery in enumerate(deliveries):
-                async with busy:
-                    try:
-                        outcome = await self._relay.handle(delivery)
-                    except SETTLE_ERRORS as exc:
-                        acks.left_unsettled(deliveries[index:])
-                        self._unsettled_batch(partition, exc)
-                        return
-                if outcome in ("retried", "dead_lettered"):
-                    await self._wait_for_store()
-        elif "retried" in outcomes or "dead_lettered" in outcomes:
-            await self._wait_for_store()
+        """Relay a batch; on an infrastructure fault, pause with the rest held, then go on.
 
-    def _unsettled_batch(self, partition: int, exc: BaseException) -> None:
+        The partition never moves past a message it has not settled: the held messages stay
+        unacked on the channel, in order, while the partition waits for a real write to
+        succeed, and are relayed again (what Redis did take comes back as a duplicate). A
+        partition stopped meanwhile (its lease lost or given up) closes its channel, which
+        hands the held messages back to RabbitMQ, in order, settled by nobody.
+        """
+        pending = deliveries
+        delay = _PAUSE_FIRST
+        try:
+            while True:
+                if any(_channel_lost(delivery) for delivery in pending):
+                    # Their channel is gone: RabbitMQ redelivers them, in order, on the next,
+                    # with every earlier message handed back with it. Relaying them now
+                    # would put them ahead of those.
+                    acks.left_unsettled(pending)
+                    self._unsettled_batch(partition, len(pending))
+                    return
+                async with busy:
+                    outcomes = await self._relay.handle_batch(
+                        pending, acknowledge=acks.ack_in_order
+                    )
+                if "held" not in outcomes:
+                    return
+                pending = pending[outcomes.index("held") :]
+                self._pause(partition, len(pending))
+                await asyncio.sleep(delay)
+                await self._wait_until_writable()
+                delay = min(delay * 2, _PAUSE_LONGEST)
+        finally:
+            self._resume(partition)
+
+    def _pause(self, partition: int, held: int) -> None:
+        if partition not in self._paused:
+            log.warning(
+                "partition paused by an infrastructure fault", partition=partition, held=held
+            )
+            self._paused.add(partition)
+            self._paused_gauge.set(len(self._paused))
+
+    def _resume(self, partition: int) -> None:
+        if partition in self._paused:
+            log.info("partition resumed", partition=partition)
+            self._paused.discard(partition)
+            self._paused_gauge.set(len(self._paused))
+
+    def _unsettled_batch(self, partition: int, count: int) -> None:
         # Also messages buffered before a reconnect: their channel is gone.
-        self._unsettled.inc()
+        self._unsettled.inc(count)
         log.info(
-            "could not settle a message; RabbitMQ will redeliver it",
+            "could not settle messages; RabbitMQ will redeliver them",
             partition=partition,
-            error=repr(exc),
+            count=count,
         )
 
-    async def _wait_for_store(self) -> None:
-        """After a failed relay step, take the next message only once Redis answers again.
-
-        Otherwise an outage would push every waiting message through the retry ladder
-        (and, if it lasts, into the DLQ); this way they stay queued, in order.
-        """
-        if self._store_available is None:
+    async def _wait_until_writable(self) -> None:
+        """Return once a real write to Redis succeeds (a PING says nothing about writes)."""
+        if self._store_writable is None:
             return
-        delay = 0.1
-        while not await self._store_available():
+        delay = _PAUSE_FIRST
+        while not await self._store_writable():
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, _PAUSE_LONGEST)
 
     async def _stop(self, partition: int, *, release: bool) -> None:
         state = self._owned.pop(partition)

@@ -17,12 +17,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from relay_worker.faults import Source, redis_fault
 from relay_worker.settings import WorkerSettings
 
 log = structlog.get_logger("relay_worker")
 tracer = trace.get_tracer("relay_worker")
 
-Outcome = Literal["delivered", "duplicate", "retried", "dead_lettered"]
+Outcome = Literal["delivered", "duplicate", "retried", "dead_lettered", "held"]
+"""`held`: not settled, because of an infrastructure fault; the delivery is still unacked."""
 
 
 class Delivery(Protocol):
@@ -50,8 +52,14 @@ async def ack_one_by_one(deliveries: Sequence[Delivery]) -> None:
         await delivery.ack()
 
 
-class BatchNotRelayed(Exception):
-    """The pipelined relay steps failed as a whole; none of the deliveries was settled."""
+async def _settling(settle: Awaitable[None]) -> Exception | None:
+    """What settling raised, if anything: RabbitMQ not taking a settlement is not the
+    message's fault."""
+    try:
+        await settle
+    except Exception as exc:
+        return exc
+    return None
 
 
 class RelayStore(Protocol):
@@ -94,6 +102,14 @@ class RelayMetrics:
             "not, and numbered on after the stream instead of reusing sequences.",
             registry=registry,
         )
+        self.infrastructure_faults = Counter(
+            "advanced_worker_infrastructure_faults",
+            "Relay batches stopped by an infrastructure fault (source: redis refused or lost the "
+            "write; rabbitmq did not take an ack, a retry or a dead letter); their messages "
+            "are held, not retried.",
+            ["source"],
+            registry=registry,
+        )
         # Resolved once: `labels()` per event takes a lock and a dict lookup.
         self.outcomes = {
             outcome: self.events.labels(outcome)
@@ -121,8 +137,13 @@ class Relay:
 
         Each relay step stays one atomic Lua call; a pipeline only sends them back to back,
         and Redis runs them in that order, so the board's sequence follows the queue's order.
-        When the pipeline fails as a whole (Redis unreachable) nothing has been settled yet:
-        the error propagates and the caller hands the deliveries to `handle` one by one.
+
+        Nothing a delivery raises escapes: a failure of the message (it cannot be decoded,
+        validated, prepared or serialised; a relay step that fails because of it) settles it
+        by the retry queue or the DLQ, and the deliveries behind it go on. An infrastructure
+        fault (Redis refusing the write, RabbitMQ not taking a settlement) settles nothing
+        from that delivery on: they are `held`, still unacked and in order, for the caller to
+        hand back once the infrastructure takes writes again (see `PartitionedConsumer`).
 
         Deliveries to ack are gathered into runs and handed to `acknowledge` after their
         Redis steps: before a retry or a dead letter (so settling stays in queue order) and
@@ -133,11 +154,9 @@ class Relay:
         steps = [step for step in prepared if isinstance(step, _Step)]
         try:
             results = await self._relay_all(steps)
-        except BaseException as exc:
+        except BaseException:  # cancelled: the broker gets every delivery back unsettled
             for step in steps:
                 step.span.end()
-            if isinstance(exc, Exception):
-                raise BatchNotRelayed(f"the relay pipeline failed: {exc!r}") from exc
             raise
         relayed = sum(1 for result in results if not isinstance(result, BaseException))
         fault_at = self._settings.worker_fault_exit_after_relay
@@ -146,7 +165,8 @@ class Relay:
         self._relayed += relayed
         outcomes: list[Outcome] = []
         to_ack: list[D] = []
-        for item, result in zip(prepared, _results_in_place(prepared, results), strict=True):
+        items = list(zip(prepared, _results_in_place(prepared, results), strict=True))
+        for index, (item, result) in enumerate(items):
             if isinstance(item, _Step) and isinstance(result, RelayOutcome):
                 outcome = self._relayed_outcome(item, result)
                 to_ack.append(cast(D, item.delivery))
@@ -154,26 +174,74 @@ class Relay:
                 outcomes.append(outcome)
                 continue
             if to_ack:
-                await acknowledge(to_ack)
+                error = await _settling(acknowledge(to_ack))
+                if error is not None:
+                    return self._hold(outcomes, items, index - len(to_ack), "rabbitmq", error)
                 to_ack = []
-            if isinstance(item, _Step):
-                outcome = await self._settle_failure(item, cast(BaseException, result))
-            else:
-                outcome = await self._dead_letter_malformed(item)
+            if isinstance(item, _Step) and redis_fault(cast(BaseException, result)):
+                return self._hold(outcomes, items, index, "redis", cast(BaseException, result))
+            try:
+                if isinstance(item, _Step):
+                    outcome = await self._settle_failure(item, cast(BaseException, result))
+                else:
+                    outcome = await self._dead_letter_malformed(item)
+            except Exception as exc:  # the broker did not take the retry or the dead letter
+                return self._hold(outcomes, items, index, "rabbitmq", exc)
             self._metrics.outcomes[outcome].inc()
             outcomes.append(outcome)
         if to_ack:
-            await acknowledge(to_ack)
+            error = await _settling(acknowledge(to_ack))
+            if error is not None:
+                return self._hold(outcomes, items, len(items) - len(to_ack), "rabbitmq", error)
         elapsed = time.perf_counter() - started
         for _ in outcomes:
             self._metrics.duration.observe(elapsed)
         return outcomes
 
+    def _hold(
+        self,
+        outcomes: list[Outcome],
+        items: Sequence[tuple[_Step | _Malformed, RelayOutcome | BaseException | None]],
+        first: int,
+        source: Source,
+        error: BaseException,
+    ) -> list[Outcome]:
+        """Outcomes of a batch that stops at an infrastructure fault: `held` from `first` on.
+
+        A held delivery may have been relayed already (its ack is what failed, or its step
+        ran before a timeout): relayed again later it is a duplicate, acked and not resent.
+        """
+        self._metrics.infrastructure_faults.labels(source).inc()
+        log.warning(
+            "infrastructure fault; holding the partition's messages",
+            source=source,
+            held=len(items) - first,
+            error=f"{type(error).__name__}: {error}",
+        )
+        for item, _result in items[first:]:
+            if isinstance(item, _Step) and item.span.is_recording():
+                item.span.set_attribute("relay.outcome", "held")
+                item.span.end()
+        held: list[Outcome] = ["held"] * (len(items) - first)
+        return [*outcomes[:first], *held]
+
     def _prepare(self, delivery: Delivery) -> _Step | _Malformed:
+        """Decode, validate and serialise one delivery; any failure here is the message's.
+
+        No retry can change what the body says, so such a message goes to the DLQ at once,
+        with the reason, and the messages behind it go on.
+        """
         try:
-            envelope = decode_envelope(delivery.body)
+            return self._prepare_step(delivery)
         except MalformedEnvelope as exc:
             return _Malformed(delivery, str(exc))
+        except Exception as exc:  # whatever else this body makes the preparation raise
+            return _Malformed(
+                delivery, f"the event cannot be prepared: {type(exc).__name__}: {exc}"
+            )
+
+    def _prepare_step(self, delivery: Delivery) -> _Step:
+        envelope = decode_envelope(delivery.body)
         self._metrics.lag.observe(max(0.0, (utcnow() - envelope.occurred_at).total_seconds()))
         span = tracer.start_span(
             "relay board event",
@@ -186,10 +254,22 @@ class Relay:
                 "messaging.rabbitmq.attempt": delivery.attempts + 1,
             },
         )
-        with trace.use_span(span, end_on_exit=False):
-            # The edges' spans hang off this one; without a tracer here, pass the ingress's on.
-            carrier = inject_trace_context() or envelope.trace_context
-        body = activity_body(envelope, utcnow(), carrier)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                # The edges' spans hang off this one; without a tracer here, pass the
+                # ingress's on.
+                carrier = inject_trace_context() or envelope.trace_context
+            try:
+                body = activity_body(envelope, utcnow(), carrier)
+            except (TypeError, ValueError) as exc:
+                # orjson reads 1024 levels of nesting but writes only 254 (pydantic fewer).
+                raise MalformedEnvelope(
+                    f"the event cannot be serialised again (a payload nested too deeply?): {exc}"
+                ) from exc
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.end()
+            raise
         return _Step(
             delivery,
             envelope.board_id,
@@ -200,15 +280,24 @@ class Relay:
         )
 
     async def _relay_all(self, steps: list[_Step]) -> list[RelayOutcome | BaseException]:
+        """One result per step, in order: its outcome or what it raised. Raises nothing but
+        cancellation."""
         if not steps:
             return []
         ttl = self._settings.redis_idempotency_ttl_seconds
         relay_many = getattr(self._store, "relay_many", None)
         if relay_many is not None and len(steps) > 1:
             batch = [(s.board_id, s.idempotency_key, s.body) for s in steps]
-            # The pipeline's own spans (Redis instrumentation) hang off the batch's first event.
-            with trace.use_span(steps[0].span, end_on_exit=False):
-                return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
+            try:
+                # The pipeline's own spans (Redis instrumentation) hang off the batch's first.
+                with trace.use_span(steps[0].span, end_on_exit=False):
+                    return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
+            except Exception as exc:
+                if redis_fault(exc):
+                    # All held; a step Redis ran before the fault comes back a duplicate.
+                    return [exc] * len(steps)
+                # Not Redis's doing: one at a time, so only the step that fails pays for it.
+                log.warning("relay pipeline failed; relaying one at a time", error=repr(exc))
         results: list[RelayOutcome | BaseException] = []
         for step in steps:
             try:
@@ -216,8 +305,12 @@ class Relay:
                     results.append(
                         await self._store.relay(step.board_id, step.idempotency_key, step.body, ttl)
                     )
-            except Exception as exc:  # any store failure: the broker retries the message
+            except Exception as exc:  # settled by the caller: held, retried or dead-lettered
                 results.append(exc)
+                if redis_fault(exc):
+                    # The steps behind it are held with it: no point asking Redis for them.
+                    results += [exc] * (len(steps) - len(results))
+                    break
         return results
 
     async def _dead_letter_malformed(self, malformed: _Malformed) -> Outcome:

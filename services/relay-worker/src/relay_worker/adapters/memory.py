@@ -41,4 +41,10 @@ class MemoryDelivery:
 async def consume_memory(broker: MemoryBroker, relay: Relay, retry_delay: float) -> None:
     while True:
         message = await broker.queue.get()
-        await relay.handle(MemoryDelivery(message, broker, retry_delay))
+        delivery = MemoryDelivery(message, broker, retry_delay)
+        delay = 0.01
+        # Held by an infrastructure fault: the same message again, after a back-off, before
+        # any message behind it (the RabbitMQ consumer pauses its partition likewise).
+        while await relay.handle(delivery) == "held":
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)

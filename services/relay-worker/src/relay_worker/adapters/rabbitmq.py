@@ -78,8 +78,11 @@ class AmqpDelivery:
         channel: AbstractChannel,
         topology: Topology,
         queue: str,
+        *,
+        confirm_timeout: float = 15.0,
     ) -> None:
         self.body = message.body
+        self._confirm_timeout = confirm_timeout
         self.attempts = failed_attempts(message, queue)
         self._message = message
         self._channel = channel
@@ -118,7 +121,8 @@ class AmqpDelivery:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=self._topology.dlq_queue,
-            mandatory=True,
+            mandatory=True,  # unroutable raises, as a nack does (x-overflow=reject-publish)
+            timeout=self._confirm_timeout,  # no confirm by then: refused, the partition pauses
         )
         await self._message.ack()  # only once the DLQ holds it (publisher confirm)
 
