@@ -127,10 +127,13 @@ class RedisRelayStore:
     async def relay_many(
         self, steps: Sequence[tuple[str, str, bytes]], ttl_seconds: int
     ) -> list[RelayOutcome | BaseException]:
-        """The same relay steps sent back to back in one round trip, each still atomic.
+        """The same relay steps in one round trip, in order, each still atomic.
 
-        Redis runs a connection's commands in the order sent, so the steps keep their order.
-        A step that fails alone comes back as its exception; a lost connection raises.
+        They go as one MULTI/EXEC: Redis decides whether it can write when it queues each
+        step, and a step it refuses there (out of memory, a read-only replica) discards the
+        whole transaction. So a refusal holds every step of the batch, never just one of them
+        while a later one is relayed ahead of it. A step that fails while running (a script
+        error) comes back as its exception; a refused batch or a lost connection raises.
         """
         replies = await self._evalsha_pipeline(steps, ttl_seconds)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -150,7 +153,7 @@ class RedisRelayStore:
     ) -> list[Any]:
         # EVALSHA queued by hand: redis-py's pipeline, given a Script, asks SCRIPT EXISTS in
         # a round trip of its own before every batch.
-        async with self._client.pipeline(transaction=False) as pipe:
+        async with self._client.pipeline(transaction=True) as pipe:
             for board_id, correlation_id, body in steps:
                 step = self._step(board_id, correlation_id, body, ttl_seconds)
                 pipe.evalsha(self._script.sha, len(step["keys"]), *step["keys"], *step["args"])
