@@ -452,7 +452,7 @@ async def test_poison_and_unknown_versions_go_to_the_dlq_and_replay_redrives(
             poisoned_letter = next(letter for letter in letters if poison in letter["body"])
             assert set(by_id) == {"future-envelope", "garbage-body", poisoned_letter["id"]}
             assert poisoned_letter["attempts"] == max_retries + 1
-            assert "not an integer" in poisoned_letter["reason"]
+            assert "does not hold a sequence" in poisoned_letter["reason"]
             assert by_id["future-envelope"]["attempts"] == 1
             assert "schema_version" in by_id["future-envelope"]["reason"]
             assert by_id["garbage-body"]["attempts"] == 1
