@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -26,7 +26,14 @@ from envelope.topology import RedisKeys
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PAGE = 1000
+C = TypeVar("C", int, str)
+# Events read from Redis per round trip, for a replay and for the hub's own catch-up: a replay
+# holds one page at a time, so a stream's memory is bounded by it, not by the history.
+PAGE = 200
+# Redis keeps a board's sequence with INCR (signed 64 bits) and a stream id as two unsigned
+# 64-bit numbers: a cursor past either is no cursor Redis could have given.
+MAX_SEQUENCE = 2**63 - 1
+MAX_STREAM_ID_PART = 2**64 - 1
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 # After this long without a frame, the feed pings the subscription connection and expects
 # the reply within as long again: a connection dropped without a reset cannot go unnoticed.
@@ -47,9 +54,15 @@ class ActivityStore(Protocol):
         """
         ...
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]: ...
+    async def board_after(
+        self, board_id: str, sequence: int, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        """At most `count` of the board's retained events after `sequence`, in order."""
+        ...
 
-    async def activity_after(self, stream_id: str) -> list[RelayedEvent]: ...
+    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
+        """At most `count` retained activity entries after `stream_id`, in order."""
+        ...
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
         """(oldest retained, newest) sequence of the board; (0, 0) when it has no events."""
@@ -63,6 +76,47 @@ class ActivityStore(Protocol):
 def stream_id_key(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _number(text: str, most: int) -> int | None:
+    # ASCII digits only ("²".isdigit() is true and int("²") raises), and never a 5000-digit
+    # int: 20 digits hold every 64-bit number.
+    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if number <= most else None
+
+
+@dataclass(frozen=True, slots=True)
+class BoardCursor:
+    """Where a board client resumes: after `sequence`."""
+
+    sequence: int
+
+
+def parse_board_cursor(cursor: str | int | None) -> BoardCursor | None:
+    """The one reading of a board cursor (SSE `id:`, `Last-Event-ID`, `?last_event_id=`,
+    WebSocket `?after=` and a resume frame's `after`); None when it is no valid cursor, which
+    resumes with a reset from the oldest retained event."""
+    if isinstance(cursor, int):
+        cursor = str(cursor)
+    if cursor is None:
+        return None
+    sequence = _number(cursor, MAX_SEQUENCE)
+    return None if sequence is None else BoardCursor(sequence)
+
+
+def parse_activity_cursor(cursor: str | None) -> str | None:
+    """The one reading of an `/sse/activity` cursor (a stream id, `<ms>` or `<ms>-<seq>`) in
+    the form Redis takes; None when Redis would refuse it (a reset then, not an error)."""
+    if cursor is None:
+        return None
+    ms, dash, seq = cursor.partition("-")
+    high = _number(ms, MAX_STREAM_ID_PART)
+    low = _number(seq, MAX_STREAM_ID_PART) if dash else 0
+    if high is None or low is None:
+        return None
+    return f"{high}-{low}"
 
 
 class RedisActivityStore:
@@ -110,16 +164,6 @@ class RedisActivityStore:
             elif kind == "subscribe":
                 raise RedisConnectionError("the activity subscription was re-established")
 
-    async def _range(self, key: str, after: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
-        start = f"({after}"
-        while True:
-            rows = cast(StreamRows, await self._client.xrange(key, min=start, count=PAGE))
-            for entry_id, fields in rows:
-                yield entry_id.decode(), fields
-            if len(rows) < PAGE:
-                return
-            start = "(" + rows[-1][0].decode()
-
     async def _ends(self, key: str) -> tuple[str, str] | None:
         first = cast(StreamRows, await self._client.xrange(key, count=1))
         last = cast(StreamRows, await self._client.xrevrange(key, count=1))
@@ -127,18 +171,24 @@ class RedisActivityStore:
             return None
         return first[0][0].decode(), last[0][0].decode()
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
+    async def board_after(
+        self, board_id: str, sequence: int, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        key = self._keys.board_stream(board_id)
+        rows = cast(StreamRows, await self._client.xrange(key, min=f"({sequence}-0", count=count))
         return [
-            RelayedEvent(fields[b"a"].decode(), board_id, int(entry_id.split("-")[0]), fields[b"e"])
-            async for entry_id, fields in self._range(
-                self._keys.board_stream(board_id), f"{sequence}-0"
+            RelayedEvent(
+                fields[b"a"].decode(), board_id, int(entry_id.split(b"-")[0]), fields[b"e"]
             )
+            for entry_id, fields in rows
         ]
 
-    async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
+    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
+        key = self._keys.activity_stream
+        rows = cast(StreamRows, await self._client.xrange(key, min=f"({stream_id}", count=count))
         return [
-            RelayedEvent(entry_id, fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"])
-            async for entry_id, fields in self._range(self._keys.activity_stream, stream_id)
+            RelayedEvent(entry_id.decode(), fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"])
+            for entry_id, fields in rows
         ]
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
@@ -304,12 +354,19 @@ class Subscription(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
-    events: list[RelayedEvent]
+class Replay(Generic[C]):
+    """What a resume owes the client, read page by page as the client takes it."""
+
+    # The retained events after the cursor, up to `until`, one page per step: the next page
+    # is read only when the caller asks for it, after it wrote the last one.
+    pages: AsyncGenerator[list[RelayedEvent], None]
     # Events after the cursor are no longer retained (or the history it came from is gone):
-    # the client gets a reset, and `events` is everything retained from there on.
+    # the client gets a reset, and `pages` is everything retained from there on.
     expired: bool
     oldest_cursor: str | None
+    # The newest event when the replay began: the replay ends there and live events up to
+    # it are duplicates (this is the seam between the two).
+    until: C
 
 
 class ActivityHub(Generic[T]):
@@ -328,8 +385,10 @@ class ActivityHub(Generic[T]):
         render_board: Callable[[RelayedEvent], T],
         render_activity: Callable[[RelayedEvent], T],
         retry_seconds: float = 0.5,
+        page: int = PAGE,
     ) -> None:
         self._store = store
+        self._page = page
         self._render_board = render_board
         self._render_activity = render_activity
         self._retry_seconds = retry_seconds
@@ -372,30 +431,71 @@ class ActivityHub(Generic[T]):
             if not listeners:
                 del self._boards[board_id]
 
-    async def replay_board(self, board_id: str, after: int) -> Replay:
-        """The retained events after sequence `after`; `expired` if some were missed.
+    async def replay_board(self, board_id: str, cursor: BoardCursor | None) -> Replay[int]:
+        """The retained events after `cursor`, in pages; `expired` if some were missed.
 
-        A cursor past the newest event comes from a history Redis has since lost: the
-        client is told to reset and gets all that is retained now.
+        An invalid cursor (None), or one past the newest event (from a history Redis has
+        since lost), gets a reset and all that is retained now.
         """
         oldest, newest = await self._store.board_head(board_id)
         oldest_cursor = str(oldest) if oldest else None
-        if after > newest:
-            return Replay(await self._store.board_after(board_id, 0), True, oldest_cursor)
-        events = await self._store.board_after(board_id, after)
-        return Replay(events, oldest > after + 1, oldest_cursor)
+        if cursor is None or cursor.sequence > newest:
+            return Replay(self._board_pages(board_id, 0, newest), True, oldest_cursor, newest)
+        after = cursor.sequence
+        pages = self._board_pages(board_id, after, newest)
+        return Replay(pages, oldest > after + 1, oldest_cursor, newest)
 
-    async def replay_activity(self, after: str) -> Replay:
-        """As `replay_board`, by activity stream id across boards."""
+    async def replay_activity(
+        self, cursor: str | None, boards: frozenset[str] | None = None
+    ) -> Replay[str]:
+        """As `replay_board`, by activity stream id across boards (or across `boards` only:
+        a credential with none reads nothing)."""
         oldest, newest = await self._store.activity_head()
-        cursor = stream_id_key(after)
-        if cursor > stream_id_key(newest):
-            events = await self._store.activity_after("0-0")
-            return Replay(events, True, oldest if oldest != "0-0" else None)
-        events = await self._store.activity_after(after)
+        oldest_cursor = oldest if oldest != "0-0" else None
+        if cursor is None or stream_id_key(cursor) > stream_id_key(newest):
+            pages = self._activity_pages("0-0", newest, boards)
+            return Replay(pages, True, oldest_cursor, newest)
         # The cursor's own entry trimmed away: entries after it may have gone with it.
-        expired = cursor != (0, 0) and stream_id_key(oldest) > cursor
-        return Replay(events, expired, oldest if oldest != "0-0" else None)
+        position = stream_id_key(cursor)
+        expired = position != (0, 0) and stream_id_key(oldest) > position
+        return Replay(self._activity_pages(cursor, newest, boards), expired, oldest_cursor, newest)
+
+    async def _board_pages(
+        self, board_id: str, after: int, until: int
+    ) -> AsyncGenerator[list[RelayedEvent], None]:
+        """The board's events in (after, until], a page per step, each read when asked for."""
+        while after < until:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                page = await self._store.board_after(board_id, after, self._page)
+            if not page:
+                return
+            after = page[-1].sequence
+            if after > until:  # newer than the replay: the live subscription has those
+                page = [event for event in page if event.sequence <= until]
+            yield page
+            del page  # not held while the next page is read
+
+    async def _activity_pages(
+        self, after: str, until: str, boards: frozenset[str] | None
+    ) -> AsyncGenerator[list[RelayedEvent], None]:
+        """As `_board_pages` for the activity stream, each page filtered to `boards`."""
+        end = stream_id_key(until)
+        while (boards is None or boards) and stream_id_key(after) < end:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                page = await self._store.activity_after(after, self._page)
+            if not page:
+                return
+            after = page[-1].stream_id
+            if boards is not None or stream_id_key(after) > end:
+                page = [
+                    event
+                    for event in page
+                    if (boards is None or event.board_id in boards)
+                    and stream_id_key(event.stream_id) <= end
+                ]
+            if page:
+                yield page
+            del page
 
     async def run(self) -> None:
         """Subscribe, catch up after every reconnect, dispatch; until cancelled."""
@@ -431,8 +531,14 @@ class ActivityHub(Generic[T]):
         if stream_id_key(newest) < stream_id_key(self._last_stream_id):
             # The stream went back in time: Redis restarted without its data.
             self._history_lost()
-        for event in await self._store.activity_after(self._last_stream_id):
-            await self._accept(event)
+        after = self._last_stream_id
+        while True:
+            page = await self._store.activity_after(after, self._page)
+            if not page:
+                return
+            for event in page:
+                await self._accept(event)
+            after = page[-1].stream_id
 
     async def _accept(self, event: RelayedEvent) -> None:
         """Dispatch `event` after any of its board's events that this process missed."""
@@ -450,12 +556,9 @@ class ActivityHub(Generic[T]):
         if last is not None and event.sequence > last + 1:
             # Frames arrive in order on one connection, so a gap means we reconnected or the
             # catch-up met a trimmed activity stream: the board's own stream has the rest.
-            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                missing = await self._store.board_after(event.board_id, last)
-            for missed in missing:
-                if missed.sequence >= event.sequence:
-                    break
-                self._dispatch(missed)
+            async for missing in self._board_pages(event.board_id, last, event.sequence - 1):
+                for missed in missing:
+                    self._dispatch(missed)
             if self._last_sequence.get(event.board_id, 0) < event.sequence - 1:
                 log.warning(
                     "events no longer retained were skipped",

@@ -1,0 +1,100 @@
+"""Resumes on the real edges and real Redis: a stalled resume holds a page, not the history;
+a cursor Redis would refuse is a reset, never a cut stream or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio as redis
+from chaos.harness import metric, scrape, wait_for
+from conftest import TOKEN
+from envelope import codec
+from envelope.topology import RedisKeys
+from relay_worker.adapters.redis import RedisRelayStore
+from support.brokers import Brokers, Names
+from support.clients import sse, stalled_sse, stalled_websocket
+from support.envelopes import board_event
+from support.processes import Service, Suite
+
+pytestmark = [pytest.mark.e2e, pytest.mark.brokers]
+
+HISTORY = 6000
+PAD = 2000  # bytes of payload per event: 12 MB of retained history on the board
+
+
+@pytest.fixture
+async def relay(brokers: Brokers, names: Names) -> AsyncIterator[RedisRelayStore]:
+    """The worker's own relay step on the suite's keys: events land as the pipeline writes them."""
+    env = names.env()
+    keys = RedisKeys(env["ADVANCED_REDIS_KEY_PREFIX"], env["ADVANCED_ACTIVITY_CHANNEL"])
+    client = redis.from_url(brokers.redis_url)
+    try:
+        yield RedisRelayStore(client, keys, 10_000)
+    finally:
+        await client.aclose()
+
+
+async def write(relay: RedisRelayStore, board_id: str, count: int, pad: int = 0) -> None:
+    async def one() -> None:
+        envelope = board_event(board_id, uuid.uuid4().hex)
+        if pad:
+            envelope = envelope.model_copy(update={"payload": {"pad": "x" * pad}})
+        await relay.relay(
+            board_id, envelope.correlation_id, codec.activity_body(envelope, datetime.now(UTC)), 60
+        )
+
+    for start in range(0, count, 100):
+        await asyncio.gather(*(one() for _ in range(min(100, count - start))))
+
+
+async def test_a_stalled_resume_makes_neither_edge_read_the_history(
+    suite: Suite, relay: RedisRelayStore
+) -> None:
+    gateway = suite.start("gateway", ADVANCED_SSE_SEND_TIMEOUT_SECONDS="1")
+    ingress = suite.start("ingress", ADVANCED_WEBSOCKET_WRITE_STALL_SECONDS="1")
+    await write(relay, "big", HISTORY, PAD)
+    sse_client = await stalled_sse(gateway.port, "big", TOKEN, last_event_id="0")
+    ws_client = await stalled_websocket(ingress.port, f"/ws/boards/big?token={TOKEN}&after=0")
+    try:
+        # Both cut by their send timeouts: by then they have read all they will.
+        await wait_for(lambda: _gone(gateway, 'advanced_sse_connections{route="board"}'), 20, "cut")
+        await wait_for(lambda: _gone(ingress, "advanced_websocket_connections"), 20, "ws cut")
+        replayed_sse = metric(scrape(gateway), "advanced_sse_replayed_events_total")
+        replayed_ws = metric(scrape(ingress), "advanced_websocket_replayed_events_total")
+    finally:
+        sse_client.close()
+        ws_client.close()
+    # Events handed to the socket (what its buffers took, in pages): not the 6000 retained.
+    assert 0 < replayed_sse < HISTORY // 2, replayed_sse
+    assert 0 < replayed_ws < HISTORY // 2, replayed_ws
+
+
+async def _gone(service: Service, gauge: str) -> bool:
+    return metric(await asyncio.to_thread(scrape, service), gauge) == 0
+
+
+async def test_an_activity_cursor_past_64_bits_is_a_reset_and_the_stream_goes_on(
+    suite: Suite, relay: RedisRelayStore
+) -> None:
+    gateway = suite.start("gateway")
+    await write(relay, "far", 3)
+    cursors = ["0-99999999999999999999", "99999999999999999999-0", "0-18446744073709551616"]
+    for cursor in cursors:
+        for headers, query in (({"Last-Event-ID": cursor}, ""), ({}, f"&last_event_id={cursor}")):
+            url = f"{gateway.url}/sse/activity?token={TOKEN}{query}"
+            async with sse(url, headers) as stream:
+                reset = await stream.next(kind="reset")
+                outcome = await relay.relay("far", uuid.uuid4().hex, _body("far"), 60)
+                while (await stream.next()).json()["sequence"] != outcome.sequence:
+                    pass  # the retained events, then the live one: the stream goes on
+            assert reset.json()["reason"] == "cursor_expired", cursor
+    assert gateway.log_path is not None
+    assert "Traceback" not in gateway.log_path.read_text(errors="replace")
+
+
+def _body(board_id: str) -> bytes:
+    return codec.activity_body(board_event(board_id, uuid.uuid4().hex), datetime.now(UTC))
