@@ -202,3 +202,28 @@ def test_unsafe_settings_are_refused_with_a_plain_message(
     message = str(refused.value.code)
     assert expected in message and "will not start" in message
     assert "hunter2-secret" not in message
+
+
+@pytest.mark.brokers
+async def test_a_writer_cannot_pre_claim_another_writers_id(pipeline: Suite) -> None:
+    """Idempotency keys are scoped to the sender's credential subject (docs/security.md)."""
+    ingress, gateway = service(pipeline, "ingress"), service(pipeline, "gateway")
+    board_id = f"claims-{time.monotonic_ns()}"
+    alice, mallory = hs256([board_id], sub="alice"), hs256([board_id], sub="mallory")
+    xff = {"X-Forwarded-For": "203.0.113.30"}
+
+    async def send(token: str, label: str) -> None:
+        url = f"{ingress.ws_url}/ws/boards/{board_id}?token={token}"
+        async with board(url, additional_headers=xff) as client:
+            await client.send(payload={"label": label}, id_="guessable-1")
+            await client.next("ack")
+
+    url = f"{gateway.url}/sse/boards/{board_id}?token={TOKEN}"
+    async with sse(url, headers=xff) as stream:
+        await send(mallory, "squatter")
+        await send(alice, "victim")
+        await send(mallory, "squatter again")  # the same sender's resend: delivered once
+        labels = [(await stream.next(15)).json()["payload"]["label"] for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            await stream.next(2)
+    assert labels == ["squatter", "victim"]

@@ -113,13 +113,13 @@ def test_malformed_envelopes_are_refused(body: bytes) -> None:
 def test_the_relay_body_with_its_sequence_is_a_valid_activity_event() -> None:
     published = datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
     body = codec.activity_body(envelope(), published)
-    event = ActivityEvent.model_validate_json(codec.with_sequence(body, 42))
+    event = ActivityEvent.model_validate_json(codec.with_sequence(body, 42, "1700000000000"))
     assert event.sequence == 42 and event.published_at == published
     assert event.payload["n"] == 2**63 - 1
 
 
 def test_the_event_frame_is_the_event_plus_kind_and_connections() -> None:
-    body = codec.with_sequence(codec.activity_body(envelope(), datetime.now(UTC)), 3)
+    body = codec.with_sequence(codec.activity_body(envelope(), datetime.now(UTC)), 3, "7")
     frame = EventFrame.model_validate_json(codec.event_frame(body, 5))
     assert (frame.kind, frame.active_connections, frame.sequence) == ("event", 5, 3)
 

@@ -277,3 +277,23 @@ def test_the_idempotency_ttl_must_outlive_the_retry_ladder() -> None:
     assert settings(
         rabbitmq_max_retries=5, rabbitmq_retry_delay_ms=10_000, redis_idempotency_ttl_seconds=300
     )
+
+
+async def test_an_id_is_deduplicated_per_sender_never_across_senders(
+    store: MemoryStore, feed: Feed
+) -> None:
+    """Another writer of the board who guesses a client's `id` cannot make its event vanish."""
+    relay = relay_for(store)
+    broker = MemoryBroker()
+    sends = [("a" * 32, "claimed"), ("b" * 32, "claimed"), ("a" * 32, "claimed")]
+    outcomes = [
+        await relay.handle(
+            MemoryDelivery(
+                MemoryMessage(envelope("board", cid, idempotency_scope=scope)), broker, 0.01
+            )
+        )
+        for scope, cid in sends
+    ]
+    await settle(feed, 2)
+    assert outcomes == ["delivered", "delivered", "duplicate"]
+    assert [e.sequence for e in feed.of("board")] == [1, 2]

@@ -27,7 +27,7 @@ from envelope.models import (
 from envelope.settings import SuiteSettings
 from envelope.topology import RedisKeys, Topology
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = [
     "BOARD_ID_PATTERN",

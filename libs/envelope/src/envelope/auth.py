@@ -45,6 +45,12 @@ class Principal:
     def may_access(self, board_id: str) -> bool:
         return self.boards is None or board_id in self.boards
 
+    @property
+    def idempotency_scope(self) -> str:
+        """Whose event `id`s these are: a digest of the subject, the same for a JWT and the
+        sessions made from it, so one writer cannot pre-claim another writer's `id`."""
+        return hashlib.sha256(self.subject.encode()).hexdigest()[:32]
+
 
 @dataclass(frozen=True, slots=True)
 class Credential:

@@ -123,19 +123,20 @@ def activity_body(
     """The `ActivityEvent` JSON without its `sequence`, which the relay step prepends.
 
     The relay step assigns the board's next sequence atomically in Redis and writes
-    `{"sequence":N,` + `activity_body(...)[1:]`; see `with_sequence`. `trace_context`, when
-    given, replaces the envelope's (the relay passes its own span on to the edges).
+    `{"sequence":N,"epoch":"E",` + `activity_body(...)[1:]`; see `with_sequence`.
+    `trace_context`, when given, replaces the envelope's (the relay passes its own span on to
+    the edges). The sender's `idempotency_scope` is not broadcast.
     """
-    fields: dict[str, Any] = envelope.model_dump(mode="json")
+    fields: dict[str, Any] = envelope.model_dump(mode="json", exclude={"idempotency_scope"})
     if trace_context is not None:
         fields["trace_context"] = trace_context
     fields["published_at"] = published_at.isoformat().replace("+00:00", "Z")
     return orjson.dumps(fields)
 
 
-def with_sequence(body: bytes, sequence: int) -> bytes:
-    """Prepend the sequence to an `activity_body`: the exact bytes the Lua relay step writes."""
-    return b'{"sequence":%d,' % sequence + body[1:]
+def with_sequence(body: bytes, sequence: int, epoch: str) -> bytes:
+    """Prepend the sequence and epoch to an `activity_body`: the bytes the relay step writes."""
+    return b'{"sequence":%d,"epoch":"%s",' % (sequence, epoch.encode()) + body[1:]
 
 
 def event_frame(event: bytes, active_connections: int) -> bytes:
@@ -155,21 +156,25 @@ def seconds_since_occurred(event: bytes) -> float:
 class RelayedEvent:
     """One event as the relay publishes it on the activity channel.
 
-    The frame is `<activity stream id> <board id> <sequence>\\n<ActivityEvent JSON>`, so that
-    readers route it without decoding the JSON.
+    The frame is `<activity stream id> <board id> <sequence> <epoch>\\n<ActivityEvent JSON>`, so
+    that readers route it without decoding the JSON. A frame from a relay older than 1.1 has no
+    epoch: it reads as "".
     """
 
     stream_id: str
     board_id: str
     sequence: int
     event: bytes
+    epoch: str = ""
 
     def to_frame(self) -> bytes:
-        head = f"{self.stream_id} {self.board_id} {self.sequence}\n".encode()
+        head = f"{self.stream_id} {self.board_id} {self.sequence} {self.epoch}\n".encode()
         return head + self.event
 
     @classmethod
     def from_frame(cls, frame: bytes) -> RelayedEvent:
         head, _, event = frame.partition(b"\n")
-        stream_id, board_id, sequence = head.decode().split(" ")
-        return cls(stream_id, board_id, int(sequence), event)
+        stream_id, board_id, sequence, *epoch = head.decode().split(" ")
+        if len(epoch) > 1:
+            raise ValueError("a relay frame's head has at most four fields")
+        return cls(stream_id, board_id, int(sequence), event, epoch[0] if epoch else "")

@@ -26,6 +26,16 @@ class RelayOutcome:
     sequence: int
     stream_id: str = ""
     receivers: int = 0
+    epoch: str = ""
+    # The board's sequence counter was gone while its stream was not (evicted, a partial
+    # restore): the step went on after the stream's newest event instead of reusing numbers.
+    sequence_recovered: bool = False
+
+
+def new_epoch(previous: str | None) -> str:
+    """A board's epoch: the time in ms its sequence started, after any earlier epoch."""
+    now = int(time.time() * 1000)
+    return str(max(now, int(previous) + 1) if previous else now)
 
 
 @dataclass
@@ -55,6 +65,7 @@ class MemoryStore:
         self._retention = retention
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._sequences: dict[str, int] = {}
+        self._epochs: dict[str, str] = {}
         self._boards: dict[str, deque[RelayedEvent]] = {}
         self._activity: deque[RelayedEvent] = deque(maxlen=retention)
         self._subscribers: set[asyncio.Queue[bytes]] = set()
@@ -71,16 +82,28 @@ class MemoryStore:
             return RelayOutcome(delivered=False, sequence=seen[0])
         sequence = self._sequences.get(board_id, 0) + 1
         self._sequences[board_id] = sequence
-        event = with_sequence(body, sequence)
+        if sequence == 1 or board_id not in self._epochs:
+            self._epochs[board_id] = new_epoch(self._epochs.get(board_id))
+        epoch = self._epochs[board_id]
+        event = with_sequence(body, sequence, epoch)
         stream_id = f"{int(time.time() * 1000)}-{next(self._clock)}"
-        relayed = RelayedEvent(stream_id, board_id, sequence, event)
+        relayed = RelayedEvent(stream_id, board_id, sequence, event, epoch)
         self._boards.setdefault(board_id, deque(maxlen=self._retention)).append(relayed)
         self._activity.append(relayed)
         self._seen[(board_id, correlation_id)] = (sequence, now + ttl_seconds)
         frame = relayed.to_frame()
         for subscriber in self._subscribers:
             subscriber.put_nowait(frame)
-        return RelayOutcome(True, sequence, stream_id, len(self._subscribers))
+        return RelayOutcome(True, sequence, stream_id, len(self._subscribers), epoch)
+
+    def expire_board(self, board_id: str) -> None:
+        """What Redis does to a board idle for `ADVANCED_BOARD_IDLE_TTL_SECONDS`: its sequence
+        and stream go (the activity stream keeps its entries until trimmed)."""
+        self._sequences.pop(board_id, None)
+        self._boards.pop(board_id, None)
+
+    async def board_epoch(self, board_id: str) -> str | None:
+        return self._epochs.get(board_id) if board_id in self._sequences else None
 
     @contextlib.asynccontextmanager
     async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -20,6 +20,8 @@ EventType = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=EVENT_TYPE_PATTERN)
 ]
 CorrelationId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
+EPOCH_PATTERN = r"^[0-9]{1,20}$"
+Epoch = Annotated[str, StringConstraints(pattern=EPOCH_PATTERN)]
 
 
 def utcnow() -> datetime:
@@ -40,10 +42,15 @@ class BoardMessage(_Wire):
 
 
 class ResumeRequest(_Wire):
-    """A client's request to replay the board's events after `after` (a sequence)."""
+    """A client's request to replay the board's events after `after` (a sequence).
+
+    `epoch` is the board's epoch the sequence belongs to (the events' `epoch`); without it the
+    sequence is taken to belong to the board's current epoch.
+    """
 
     kind: Literal["resume"]
     after: int = Field(ge=0)
+    epoch: Epoch | None = None
 
 
 class BoardEventEnvelope(_Wire):
@@ -58,12 +65,28 @@ class BoardEventEnvelope(_Wire):
     sender: str
     occurred_at: datetime
     trace_context: dict[str, str] = Field(default_factory=dict)
+    # Who may deduplicate against whom: a digest of the sender's credential subject. The
+    # worker's idempotency key carries it, so one writer cannot pre-claim another's `id`.
+    # Never broadcast (`activity_body` leaves it out); empty from ingresses older than 1.1.
+    idempotency_scope: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{0,64}$")] = ""
+
+    @property
+    def idempotency_key(self) -> str:
+        """What the relay deduplicates on: the sender's scope and its `correlation_id`."""
+        if self.idempotency_scope:
+            return f"{self.idempotency_scope}:{self.correlation_id}"
+        return self.correlation_id
 
 
 class ActivityEvent(BoardEventEnvelope):
-    """What every subscriber of the board receives, once, in `sequence` order."""
+    """What every subscriber of the board receives, once, in `sequence` order.
+
+    `sequence` counts within the board's `epoch`: a board whose state expired while idle starts
+    again at 1 under a new epoch, so a cursor of an older epoch is never mistaken for a new one.
+    """
 
     sequence: int = Field(ge=1)
+    epoch: Epoch | None = None
     published_at: datetime
 
 

@@ -66,8 +66,12 @@ class RedisKeys:
     def sequence(self, board_id: str) -> str:
         return f"{self.prefix}board:{board_id}:seq"
 
-    def idempotency(self, board_id: str, correlation_id: str) -> str:
-        return f"{self.prefix}board:{board_id}:seen:{correlation_id}"
+    def epoch(self, board_id: str) -> str:
+        return f"{self.prefix}board:{board_id}:epoch"
+
+    def idempotency(self, board_id: str, idempotency_key: str) -> str:
+        """The relay's marker for an envelope's `idempotency_key`."""
+        return f"{self.prefix}board:{board_id}:seen:{idempotency_key}"
 
     def presence(self, board_id: str) -> str:
         return f"{self.prefix}board:{board_id}:presence"

@@ -348,6 +348,7 @@ class BoardSocket:
                         sender=self.sender,
                         occurred_at=utcnow(),
                         trace_context=inject_trace_context(),
+                        idempotency_scope=self.principal.idempotency_scope,
                     )
                     received.set_attributes(
                         {

@@ -69,7 +69,11 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
             keys = settings.redis_keys
             relay = Relay(
-                RedisRelayStore(client, keys, settings.replay_retention), settings, metrics
+                RedisRelayStore(
+                    client, keys, settings.replay_retention, settings.board_idle_ttl_seconds
+                ),
+                settings,
+                metrics,
             )
             leases = PartitionLeases(
                 client, keys, worker_id, settings.rabbitmq_partitions, settings.partition_lease_ms

@@ -59,7 +59,7 @@ class RelayStore(Protocol):
     returning one `RelayOutcome` or exception per step (see `RedisRelayStore`)."""
 
     async def relay(
-        self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
+        self, board_id: str, idempotency_key: str, body: bytes, ttl_seconds: int
     ) -> RelayOutcome: ...
 
 
@@ -86,6 +86,12 @@ class RelayMetrics:
             "How old an event is when the worker takes it up (now - occurred_at): queueing, "
             "retry back-off and the ingress's publish included.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "advanced_worker_sequence_recoveries",
+            "Relay steps that found a board's sequence counter missing while its stream was "
+            "not, and numbered on after the stream instead of reusing sequences.",
             registry=registry,
         )
         # Resolved once: `labels()` per event takes a lock and a dict lookup.
@@ -184,7 +190,14 @@ class Relay:
             # The edges' spans hang off this one; without a tracer here, pass the ingress's on.
             carrier = inject_trace_context() or envelope.trace_context
         body = activity_body(envelope, utcnow(), carrier)
-        return _Step(delivery, envelope.board_id, envelope.correlation_id, body, span)
+        return _Step(
+            delivery,
+            envelope.board_id,
+            envelope.correlation_id,
+            envelope.idempotency_key,
+            body,
+            span,
+        )
 
     async def _relay_all(self, steps: list[_Step]) -> list[RelayOutcome | BaseException]:
         if not steps:
@@ -192,7 +205,7 @@ class Relay:
         ttl = self._settings.redis_idempotency_ttl_seconds
         relay_many = getattr(self._store, "relay_many", None)
         if relay_many is not None and len(steps) > 1:
-            batch = [(s.board_id, s.correlation_id, s.body) for s in steps]
+            batch = [(s.board_id, s.idempotency_key, s.body) for s in steps]
             # The pipeline's own spans (Redis instrumentation) hang off the batch's first event.
             with trace.use_span(steps[0].span, end_on_exit=False):
                 return cast(list[RelayOutcome | BaseException], await relay_many(batch, ttl))
@@ -201,7 +214,7 @@ class Relay:
             try:
                 with trace.use_span(step.span, end_on_exit=False):
                     results.append(
-                        await self._store.relay(step.board_id, step.correlation_id, step.body, ttl)
+                        await self._store.relay(step.board_id, step.idempotency_key, step.body, ttl)
                     )
             except Exception as exc:  # any store failure: the broker retries the message
                 results.append(exc)
@@ -254,6 +267,15 @@ class Relay:
             )
             if result.receivers == 0:
                 self._metrics.unheard.inc()
+            if result.sequence_recovered:
+                # Redis had lost the board's counter but not its stream: numbering went on
+                # after the stream's newest event. Someone should find out why (eviction?).
+                self._metrics.recovered.inc()
+                log.error(
+                    "the board's sequence counter was missing; continued after its stream",
+                    board_id=step.board_id,
+                    sequence=result.sequence,
+                )
             return "delivered"
 
 
@@ -272,6 +294,7 @@ class _Step:
     delivery: Delivery
     board_id: str
     correlation_id: str
+    idempotency_key: str
     body: bytes
     span: Span
 

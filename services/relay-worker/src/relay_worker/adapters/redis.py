@@ -16,26 +16,74 @@ from redis.exceptions import NoScriptError
 # that makes the redelivery a duplicate. The sequence is assigned here, so it is gapless
 # whatever the number of workers. The event is written to the board's stream (replay by
 # sequence), to the activity stream (replay across boards) and published for live readers.
-RELAY_SCRIPT = """
+#
+# Redis does not roll a script back when a command fails half-way, so every check that can
+# fail comes before the first write: the reads raise on a key of the wrong type, and the
+# `#!lua` line makes Redis refuse the whole script up front when it cannot write at all (out of
+# memory under noeviction, a read-only replica) instead of at its first write.
+#
+# The sequence never goes back: a counter that is gone while the board's stream is not
+# (evicted, a partial restore) goes on after the stream's newest entry, and the step says so.
+# A board that starts from nothing (new, or every key expired after ARGV[6] ms idle) gets a
+# new epoch, the Redis time in ms, after any epoch still stored: a cursor of the old history
+# can then never be read as one of the new.
+RELAY_SCRIPT = """#!lua
 local seen = redis.call('GET', KEYS[1])
-if seen then return {0, tonumber(seen), '', 0} end
-local seq = redis.call('INCR', KEYS[2])
-local body = '{"sequence":' .. seq .. ',' .. string.sub(ARGV[3], 2)
+if seen then return {0, tonumber(seen), '', 0, '', 0} end
+local stored = redis.call('GET', KEYS[2])
+local last = 0
+if stored then
+  last = tonumber(stored)
+  if not last or last < 0 or last ~= math.floor(last) then
+    return redis.error_reply('ERR the board sequence key does not hold a sequence')
+  end
+end
+local tail = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local recovered = 0
+if tail[1] then
+  local newest = tonumber(string.match(tail[1][1], '^%d+'))
+  if newest > last then last = newest; recovered = 1 end
+end
+local activity = redis.call('TYPE', KEYS[4])['ok']
+if activity ~= 'stream' and activity ~= 'none' then
+  return redis.error_reply('ERR the activity stream key is not a stream')
+end
+local epoch = redis.call('GET', KEYS[5])
+local seq = last + 1
+if seq == 1 or not epoch then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if epoch and tonumber(epoch) and tonumber(epoch) >= ms then ms = tonumber(epoch) + 1 end
+  epoch = string.format('%d', ms)
+end
+local body = '{"sequence":' .. seq .. ',"epoch":"' .. epoch .. '",' .. string.sub(ARGV[3], 2)
 local gid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
-  'b', ARGV[2], 's', seq, 'e', body)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'a', gid, 'e', body)
+  'b', ARGV[2], 's', seq, 'p', epoch, 'e', body)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'a', gid, 'p', epoch, 'e', body)
+local idle = tonumber(ARGV[6])
+if idle > 0 then
+  redis.call('SET', KEYS[2], seq, 'PX', idle)
+  redis.call('SET', KEYS[5], epoch, 'PX', idle)
+  redis.call('PEXPIRE', KEYS[3], idle)
+else
+  redis.call('SET', KEYS[2], seq)
+  redis.call('SET', KEYS[5], epoch)
+end
 redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
-local frame = gid .. ' ' .. ARGV[2] .. ' ' .. seq .. '\\n' .. body
+local frame = gid .. ' ' .. ARGV[2] .. ' ' .. seq .. ' ' .. epoch .. '\\n' .. body
 local receivers = redis.call('PUBLISH', ARGV[5], frame)
-return {1, seq, gid, receivers}
+return {1, seq, gid, receivers, epoch, recovered}
 """
 
 
 class RedisRelayStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, retention: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, retention: int, idle_ttl_seconds: int = 0
+    ) -> None:
         self._client = client
         self._keys = keys
         self._retention = retention
+        self._idle_ttl_ms = idle_ttl_seconds * 1000  # 0: a board's keys never expire
         self._script = client.register_script(RELAY_SCRIPT)
 
     def _step(self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int) -> Any:
@@ -46,14 +94,29 @@ class RedisRelayStore:
                 keys.sequence(board_id),
                 keys.board_stream(board_id),
                 keys.activity_stream,
+                keys.epoch(board_id),
             ],
-            "args": [ttl_seconds, board_id, body, self._retention, keys.activity_channel],
+            "args": [
+                ttl_seconds,
+                board_id,
+                body,
+                self._retention,
+                keys.activity_channel,
+                self._idle_ttl_ms,
+            ],
         }
 
     @staticmethod
     def _outcome(reply: Any) -> RelayOutcome:
-        delivered, sequence, stream_id, receivers = reply
-        return RelayOutcome(bool(delivered), int(sequence), stream_id.decode(), int(receivers))
+        delivered, sequence, stream_id, receivers, epoch, recovered = reply
+        return RelayOutcome(
+            bool(delivered),
+            int(sequence),
+            stream_id.decode(),
+            int(receivers),
+            epoch.decode(),
+            bool(recovered),
+        )
 
     async def relay(
         self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
