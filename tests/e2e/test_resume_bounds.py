@@ -16,7 +16,7 @@ from envelope import codec
 from envelope.topology import RedisKeys
 from relay_worker.adapters.redis import RedisRelayStore
 from support.brokers import Brokers, Names
-from support.clients import sse, stalled_sse, stalled_websocket
+from support.clients import board, sse, stalled_sse, stalled_websocket
 from support.envelopes import board_event
 from support.processes import Service, Suite
 
@@ -27,10 +27,14 @@ PAD = 2000  # bytes of payload per event: 12 MB of retained history on the board
 
 
 @pytest.fixture
-async def relay(brokers: Brokers, names: Names) -> AsyncIterator[RedisRelayStore]:
-    """The worker's own relay step on the suite's keys: events land as the pipeline writes them."""
+def keys(names: Names) -> RedisKeys:
     env = names.env()
-    keys = RedisKeys(env["ADVANCED_REDIS_KEY_PREFIX"], env["ADVANCED_ACTIVITY_CHANNEL"])
+    return RedisKeys(env["ADVANCED_REDIS_KEY_PREFIX"], env["ADVANCED_ACTIVITY_CHANNEL"])
+
+
+@pytest.fixture
+async def relay(brokers: Brokers, keys: RedisKeys) -> AsyncIterator[RedisRelayStore]:
+    """The worker's own relay step on the suite's keys: events land as the pipeline writes them."""
     client = redis.from_url(brokers.redis_url)
     try:
         yield RedisRelayStore(client, keys, 10_000)
@@ -81,6 +85,8 @@ async def test_an_activity_cursor_past_64_bits_is_a_reset_and_the_stream_goes_on
     suite: Suite, relay: RedisRelayStore
 ) -> None:
     gateway = suite.start("gateway")
+    assert gateway.log_path is not None
+    logged_before = gateway.log_path.stat().st_size  # the log file is appended to across runs
     await write(relay, "far", 3)
     cursors = ["0-99999999999999999999", "99999999999999999999-0", "0-18446744073709551616"]
     for cursor in cursors:
@@ -92,9 +98,51 @@ async def test_an_activity_cursor_past_64_bits_is_a_reset_and_the_stream_goes_on
                 while (await stream.next()).json()["sequence"] != outcome.sequence:
                     pass  # the retained events, then the live one: the stream goes on
             assert reset.json()["reason"] == "cursor_expired", cursor
-    assert gateway.log_path is not None
-    assert "Traceback" not in gateway.log_path.read_text(errors="replace")
+    with gateway.log_path.open("rb") as log:
+        log.seek(logged_before)
+        assert b"Traceback" not in log.read()
 
 
 def _body(board_id: str) -> bytes:
     return codec.activity_body(board_event(board_id, uuid.uuid4().hex), datetime.now(UTC))
+
+
+async def test_a_board_expired_and_written_again_resets_old_cursors_on_both_edges(
+    suite: Suite, relay: RedisRelayStore, keys: RedisKeys, brokers: Brokers
+) -> None:
+    gateway = suite.start("gateway")
+    ingress = suite.start("ingress")
+    await write(relay, "idle", 5)
+    async with sse(f"{gateway.url}/sse/boards/idle?token={TOKEN}&last_event_id=2") as before:
+        cursor = (await before.next()).id  # "3.<epoch>"
+    sequence, _, old = (cursor or "").partition(".")
+    assert sequence == "3" and old.isdigit()
+
+    live_url = f"{ingress.ws_url}/ws/boards/idle?token={TOKEN}"
+    async with board(f"{live_url}&after=5") as live:  # 6 is replayed or live: no race
+        await write(relay, "idle", 1)
+        assert (await live.next("event"))["sequence"] == 6  # this socket holds numbers of `old`
+        # What ADVANCED_BOARD_IDLE_TTL_SECONDS does to an idle board: all its keys go.
+        client = redis.from_url(brokers.redis_url)
+        try:
+            await client.delete(
+                keys.sequence("idle"), keys.epoch("idle"), keys.board_stream("idle")
+            )
+        finally:
+            await client.aclose()
+        await write(relay, "idle", 2)  # sequences 1 and 2 again, under a new epoch
+        reset_live = await live.next("reset")
+        restarted = [await live.next("event") for _ in range(2)]
+    new = restarted[0]["epoch"]
+    assert reset_live["reason"] == "history_lost" and new != old
+    assert [(e["sequence"], e["epoch"]) for e in restarted] == [(1, new), (2, new)]
+
+    # Resuming with the old cursor: a reset, then the new epoch's events, never `2` as if new.
+    async with sse(f"{gateway.url}/sse/boards/idle?token={TOKEN}", {"Last-Event-ID": cursor}) as s:
+        reset_sse = (await s.next(kind="reset")).json()
+        ids = [(await s.next()).id for _ in range(2)]
+    assert reset_sse["reason"] == "history_lost" and ids == [f"1.{new}", f"2.{new}"]
+    async with board(f"{live_url}&after=1&epoch={old}") as resumed:
+        reset_ws = await resumed.next("reset")
+        again = [(await resumed.next("event"))["sequence"] for _ in range(2)]
+    assert reset_ws["reason"] == "history_lost" and again == [1, 2]

@@ -308,8 +308,10 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
             return
         # Validated where it is replayed (`parse_board_cursor`): an invalid one gets a reset.
-        cursor = websocket.query_params.get("after") or websocket.query_params.get("last_event_id")
-        await BoardSocket(websocket, board_id, principal, runtime).run(cursor)
+        query = websocket.query_params
+        cursor = query.get("after") or query.get("last_event_id")
+        resume = None if cursor is None else (cursor, query.get("epoch") or None)
+        await BoardSocket(websocket, board_id, principal, runtime).run(resume)
 
     # Starlette's route, not FastAPI's: no dependency injection to resolve, and none of its
     # per-request state held for the socket's whole life (≈ 4 KiB per idle socket).

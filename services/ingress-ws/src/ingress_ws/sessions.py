@@ -175,7 +175,7 @@ class BoardSocket:
         self._budget = runtime.budget.connection_budget()
         # A cursor to replay from (`?after=` or a resume frame), taken up by the writer; the
         # resume budget is made at the first resume frame (an idle socket holds none).
-        self._resume_from: str | int | None = None
+        self._resume_from: tuple[str | int, str | None] | None = None  # (cursor, epoch)
         self._resume_budget: AsyncLimiter | None = None
         self._subscription: Subscription[str] | None = None
         # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
@@ -186,7 +186,7 @@ class BoardSocket:
         # Bound when something is logged, not held by every idle socket.
         return log.bind(board_id=self.board_id, sender=self.sender)
 
-    async def run(self, resume_from: str | None) -> None:
+    async def run(self, resume_from: tuple[str, str | None] | None) -> None:
         runtime = self.runtime
         runtime.sockets.add(self)
         runtime.metrics.connections.inc()
@@ -234,16 +234,18 @@ class BoardSocket:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS)
 
-    async def _replay(self, cursor: str | int) -> None:
+    async def _replay(self, cursor: str | int, epoch: str | None) -> None:
         """Replay the board's retained events after `cursor`, then carry on live without a
         seam. The writer runs it, so live events wait in the subscription's bounded queue
         (its overflow cuts a slow consumer); pages are read one at a time as the client takes
         them, and acks may go out between pages."""
         runtime = self.runtime
-        replay = await runtime.hub.replay_board(self.board_id, parse_board_cursor(cursor))
-        if replay.expired:
+        replay = await runtime.hub.replay_board(self.board_id, parse_board_cursor(cursor, epoch))
+        if replay.reason is not None:
             runtime.metrics.resets.inc()
-            reset = ResetFrame(board_id=self.board_id, oldest_cursor=replay.oldest_cursor)
+            reset = ResetFrame(
+                board_id=self.board_id, reason=replay.reason, oldest_cursor=replay.oldest_cursor
+            )
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(reset).decode())
         async with contextlib.aclosing(replay.pages) as pages:
@@ -310,7 +312,7 @@ class BoardSocket:
                         )
                     )
                     continue
-                self._resume_from = frame.after
+                self._resume_from = (frame.after, frame.epoch)
                 if self._subscription is not None:
                     self._subscription.wake()  # the writer takes it up between batches
                 continue
@@ -390,8 +392,8 @@ class BoardSocket:
         written = self.runtime.metrics.delivery.written
         while True:
             if self._resume_from is not None:
-                cursor, self._resume_from = self._resume_from, None
-                await self._replay(cursor)
+                (cursor, epoch), self._resume_from = self._resume_from, None
+                await self._replay(cursor, epoch)
                 continue
             try:
                 # Several events waiting are sent under one hold of the lock, without a
@@ -401,7 +403,9 @@ class BoardSocket:
                 # Redis lost its data and sequences start again: say so, then carry on.
                 async with self._send_lock:
                     self.runtime.metrics.resets.inc()
-                    reset = ResetFrame(board_id=self.board_id, oldest_cursor=None)
+                    reset = ResetFrame(
+                        board_id=self.board_id, reason="history_lost", oldest_cursor=None
+                    )
                     await self.websocket.send_text(codec.dumps(reset).decode())
                     self._last_sequence = 0
                 continue

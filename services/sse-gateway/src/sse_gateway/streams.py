@@ -12,6 +12,7 @@ from envelope.feed import (
     ActivityHub,
     Replay,
     Subscription,
+    board_cursor,
     parse_activity_cursor,
     parse_board_cursor,
     stream_id_key,
@@ -77,7 +78,7 @@ def _activity(event: RelayedEvent, event_id: str) -> bytes:
 
 
 def board_frame(event: RelayedEvent) -> bytes:
-    return _activity(event, str(event.sequence))
+    return _activity(event, field_safe(board_cursor(event)))
 
 
 def activity_frame(event: RelayedEvent) -> bytes:
@@ -89,7 +90,7 @@ def _event(data: Mapping[str, object], kind: str) -> bytes:
 
 
 def _reset(replay: Replay[int] | Replay[str], board_id: str | None) -> bytes:
-    data = {"reason": "cursor_expired", "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
+    data = {"reason": replay.reason, "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
     return _event(data, "reset")
 
 
