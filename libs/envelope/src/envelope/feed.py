@@ -425,10 +425,11 @@ class Replay(Generic[C]):
 class ActivityHub(Generic[T]):
     """The process's single subscriber: orders, de-duplicates and fans out relayed events.
 
-    It keeps the last sequence seen per board; a frame at or below it is a duplicate and a
-    frame past the next one reveals a gap, filled from the board's stream. After a lost
-    connection it resubscribes and catches up from the activity stream, so clients that stay
-    connected miss nothing.
+    It keeps the last sequence seen and the epoch of each board it has subscribers for; a
+    frame at or below that sequence is a duplicate, a frame past the next one reveals a gap,
+    filled from the board's stream, and a frame of a newer epoch resets the board's clients.
+    After a lost connection it resubscribes and catches up from the activity stream, so
+    clients that stay connected miss nothing.
     """
 
     def __init__(
@@ -559,9 +560,10 @@ class ActivityHub(Generic[T]):
             if after > until:  # newer than the replay: the live subscription has those
                 page = [event for event in page if event.sequence <= until]
             if epoch and any(event.epoch and event.epoch != epoch for event in page):
-                yield [event for event in page if not event.epoch or event.epoch == epoch]
-                return
-            yield page
+                page = [event for event in page if not event.epoch or event.epoch == epoch]
+                after = until  # the rest is of the new epoch: not part of this replay
+            if page:
+                yield page
             del page  # not held while the next page is read
 
     async def _activity_pages(
