@@ -133,7 +133,9 @@ async def test_a_cursor_that_is_no_sequence_gets_a_reset_in_every_form() -> None
     await relay(store, "c", 8)  # 4..8 retained
     too_big = str(2**63)  # past Redis' INCR: no sequence Redis could have given
     async with served(MemoryTransport(store=store)) as address:
-        for query in (f"after={too_big}", "after=99999999999999999999", "after=x1", "after=²"):
+        queries = [f"after={too_big}", "after=99999999999999999999", "after=x1", "after=²"]
+        queries += ["after=3&epoch=x1", "after=3.x1", f"after=3&epoch={'9' * 21}"]
+        for query in queries:
             async with board(f"ws://{address}/ws/boards/c?token={TOKEN}&{query}") as client:
                 reset = await client.next("reset")
                 assert await events(client, 5) == [4, 5, 6, 7, 8], query
@@ -165,3 +167,24 @@ async def test_resume_frames_count_against_a_limit_of_their_own() -> None:
         ack = await client.next("ack")
     assert error["code"] == "rate_limited" and "resume" in error["message"]
     assert ack["correlation_id"] == "after-the-limit"
+
+
+async def test_a_resume_frame_of_an_expired_epoch_gets_history_lost_then_the_new_events() -> None:
+    store = MemoryStore()
+    await relay(store, "e", 4)
+    old = (await store.board_after("e", 0))[0].epoch
+    store.expire_board("e")
+    await relay(store, "e", 2)
+    async with (
+        served(MemoryTransport(store=store)) as address,
+        board(f"ws://{address}/ws/boards/e?token={TOKEN}") as client,
+    ):
+        await client.connection.send(f'{{"kind":"resume","after":1,"epoch":"{old}"}}')
+        reset = await client.next("reset")
+        events = [await client.next("event") for _ in range(2)]
+        # Without an epoch (an older client), the sequence is read in the current epoch.
+        await client.connection.send('{"kind":"resume","after":1}')
+        assert [(await client.next("event"))["sequence"]] == [2]  # plain: the current epoch
+    assert reset["reason"] == "history_lost" and reset["board_id"] == "e"
+    assert [(e["sequence"], e["epoch"] != old) for e in events] == [(1, True), (2, True)]
+    assert client.frames["error"].empty() and client.frames["reset"].empty()
