@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from envelope import codec
-from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
+from envelope.feed import ActivityHub, ActivityStore, BoardCursor, RedisActivityStore
 from envelope.memory import MemoryStore
 from envelope.topology import RedisKeys
 from ingress_ws.adapters.redis import RedisPresence
@@ -26,6 +26,7 @@ from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers
 from support.envelopes import board_event
+from support.stores import ReadCounter
 
 RETENTION = 50
 
@@ -118,7 +119,7 @@ async def test_retention_trims_old_events(stores: Stores) -> None:
     assert [e.sequence for e in retained] == list(range(oldest, newest + 1))
     replay_from_start = await ActivityHub(
         stores.feed, render_board=bytes, render_activity=bytes
-    ).replay_board("a", 0)
+    ).replay_board("a", BoardCursor(0))
     assert replay_from_start.expired and replay_from_start.oldest_cursor == str(oldest)
 
 
@@ -158,8 +159,37 @@ async def test_the_hub_delivers_each_event_once_in_order(stores: Stores) -> None
         assert [(e.board_id, e.sequence) for e in all_seen] == [("a", n) for n in range(1, 7)] + [
             ("b", n) for n in range(1, 5)
         ]
-        replay = await hub.replay_board("a", 4)
-        assert [e.sequence for e in replay.events] == [5, 6] and not replay.expired
+        replay = await hub.replay_board("a", BoardCursor(4))
+        replayed = [event async for page in replay.pages for event in page]
+        assert [e.sequence for e in replayed] == [5, 6] and not replay.expired
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_replay_reads_the_next_page_only_when_the_last_was_taken(stores: Stores) -> None:
+    for n in range(40):
+        await stores.relay.relay("a" if n % 4 else "b", f"c{n}", body("a", f"c{n}"), 60)
+    counter = ReadCounter(stores.feed)
+    hub: ActivityHub[bytes] = ActivityHub(
+        counter,  # type: ignore[arg-type]
+        render_board=bytes,
+        render_activity=bytes,
+        page=10,
+    )
+    board = await hub.replay_board("a", BoardCursor(0))
+    first = await anext(board.pages)
+    # A client that takes this page and stops reading pins one page, not the history.
+    assert [e.sequence for e in first] == list(range(1, 11)) and counter.rows == 10
+    rest = [event async for page in board.pages for event in page]
+    assert [e.sequence for e in rest] == list(range(11, 31)) and board.until == 30
+
+    counter.rows = 0
+    only_b = await hub.replay_activity("0-0", frozenset({"b"}))
+    assert [(e.board_id, e.sequence) for page in [p async for p in only_b.pages] for e in page] == [
+        ("b", n) for n in range(1, 11)
+    ]
+    assert counter.rows == 40  # filtered per page, as read
+    counter.rows = 0
+    nothing = await hub.replay_activity("0-0", frozenset())
+    assert [page async for page in nothing.pages] == [] and counter.rows == 0

@@ -23,6 +23,9 @@ INGRESS_LIMITS = {
     "ADVANCED_WEBSOCKET_MAX_CONNECTIONS": "30",
     "ADVANCED_WEBSOCKET_RATE_LIMIT": "300/second",
     "ADVANCED_WEBSOCKET_RATE_LIMIT_STRIKES": "5",
+    # The fuzzer sends resume frames among its hostile frames; their own budget is tested in
+    # services/ingress-ws/tests/test_resume.py.
+    "ADVANCED_WEBSOCKET_RESUME_RATE_LIMIT": "10000/minute",
     "ADVANCED_MAX_PAYLOAD_BYTES": "4096",  # frames over 4096 + 4096 bytes: close 1009
     "ADVANCED_WEBSOCKET_PING_INTERVAL_SECONDS": "2",
     "ADVANCED_WEBSOCKET_PING_TIMEOUT_SECONDS": "3",

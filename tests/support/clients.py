@@ -123,16 +123,38 @@ async def board(url: str, **kwargs: Any) -> AsyncIterator[BoardClient]:
             client._task.cancel()
 
 
-async def stalled_sse(port: int, board: str, token: str) -> socket.socket:
+async def stalled_sse(
+    port: int, board: str, token: str, last_event_id: str | None = None
+) -> socket.socket:
     """An SSE client that reads the response head and then nothing: its receive buffer is
-    tiny, so the server's writes back up at once."""
+    tiny, so the server's writes back up at once. With `last_event_id` it resumes first."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", port))
-    request = f"GET /sse/boards/{board}?token={token} HTTP/1.1\r\nHost: x\r\n\r\n"
+    resume = "" if last_event_id is None else f"Last-Event-ID: {last_event_id}\r\n"
+    request = f"GET /sse/boards/{board}?token={token} HTTP/1.1\r\nHost: x\r\n{resume}\r\n"
     await loop.sock_sendall(sock, request.encode())
     head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
     assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+async def stalled_websocket(port: int, path: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then reads nothing (a tiny receive
+    buffer, as `stalled_sse`): the server's writes back up at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
     return sock

@@ -12,7 +12,16 @@ from datetime import UTC, datetime
 import pytest
 from envelope import codec
 from envelope.codec import RelayedEvent
-from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
+from envelope.feed import (
+    ActivityHub,
+    BoardCursor,
+    HistoryLost,
+    Replay,
+    SlowConsumer,
+    Subscription,
+    parse_activity_cursor,
+    parse_board_cursor,
+)
 from envelope.memory import MemoryStore, RelayOutcome
 from support.envelopes import board_event
 
@@ -212,25 +221,32 @@ async def test_a_slow_consumer_overflows_without_slowing_others_or_growing(
             await slow.next()
 
 
+async def replayed(replay: Replay[int] | Replay[str]) -> list[RelayedEvent]:
+    return [event async for page in replay.pages for event in page]
+
+
 async def test_replay_of_a_board_after_a_cursor_and_its_reset_signals(store: FaultyStore) -> None:
     small = FaultyStore(retention=10)
     hub: ActivityHub[int] = ActivityHub(small, render_board=int, render_activity=int)
     await send(small, "a", 25)  # only 16..25 retained
 
-    kept = await hub.replay_board("a", 20)
-    assert [e.sequence for e in kept.events] == [21, 22, 23, 24, 25] and not kept.expired
+    kept = await hub.replay_board("a", BoardCursor(20))
+    assert [e.sequence for e in await replayed(kept)] == [21, 22, 23, 24, 25]
+    assert not kept.expired and kept.until == 25
 
-    expired = await hub.replay_board("a", 3)
+    expired = await hub.replay_board("a", BoardCursor(3))
     assert expired.expired and expired.oldest_cursor == "16"
-    assert [e.sequence for e in expired.events] == list(range(16, 26))
+    assert [e.sequence for e in await replayed(expired)] == list(range(16, 26))
 
     # A cursor past the newest event comes from a history that is gone: reset, everything.
-    from_lost_history = await hub.replay_board("a", 90)
-    assert from_lost_history.expired
-    assert [e.sequence for e in from_lost_history.events] == list(range(16, 26))
+    # So does an invalid one (None from `parse_board_cursor`).
+    for lost in (BoardCursor(90), None):
+        from_lost_history = await hub.replay_board("a", lost)
+        assert from_lost_history.expired
+        assert [e.sequence for e in await replayed(from_lost_history)] == list(range(16, 26))
 
-    assert not (await hub.replay_board("a", 25)).expired
-    assert (await hub.replay_board("a", 25)).events == []
+    assert not (await hub.replay_board("a", BoardCursor(25))).expired
+    assert await replayed(await hub.replay_board("a", BoardCursor(25))) == []
 
 
 async def test_replay_of_the_activity_stream_after_a_cursor(store: FaultyStore) -> None:
@@ -241,11 +257,101 @@ async def test_replay_of_the_activity_stream_after_a_cursor(store: FaultyStore) 
     await send(small, "b", 10)
 
     expired = await hub.replay_activity(first_five[1].stream_id)
-    assert expired.expired and len(expired.events) == 10
+    assert expired.expired and len(await replayed(expired)) == 10
 
     oldest, newest = await small.activity_head()
     kept = await hub.replay_activity(oldest)
-    assert not kept.expired and len(kept.events) == 9 and kept.events[-1].stream_id == newest
+    events = await replayed(kept)
+    assert not kept.expired and len(events) == 9 and events[-1].stream_id == newest
 
     future = await hub.replay_activity("99999999999999-0")
-    assert future.expired and len(future.events) == 10
+    assert future.expired and len(await replayed(future)) == 10
+
+
+def test_one_parse_per_cursor_kind_refuses_what_redis_would() -> None:
+    assert parse_board_cursor("0") == BoardCursor(0)
+    assert parse_board_cursor(42) == parse_board_cursor("42") == BoardCursor(42)
+    assert parse_board_cursor(str(2**63 - 1)) == BoardCursor(2**63 - 1)
+    for invalid in (str(2**63), 2**64, "9" * 20, "9" * 5000, "-1", -1, "", "1,5", "²", " 1"):
+        assert parse_board_cursor(invalid) is None, invalid
+    # With an epoch: `<sequence>.<epoch>` (SSE ids), or given apart (WebSocket).
+    assert parse_board_cursor("7.1700000000000") == BoardCursor(7, "1700000000000")
+    assert parse_board_cursor("7", "1700000000000") == BoardCursor(7, "1700000000000")
+    assert parse_board_cursor(7, "1700000000000") == BoardCursor(7, "1700000000000")
+    assert parse_board_cursor("7.1700000000000", "1700000000000") == BoardCursor(7, "1700000000000")
+    for cursor, epoch in (("7.", None), ("7.x", None), ("7.1", "2"), ("7", ""), ("7", "9" * 21)):
+        assert parse_board_cursor(cursor, epoch) is None, (cursor, epoch)
+    assert parse_board_cursor(f"{2**63}.1") is None and parse_board_cursor("7.1.2") is None
+    assert parse_activity_cursor("0") == "0-0"
+    assert parse_activity_cursor("1700000000000-3") == "1700000000000-3"
+    top = f"{2**64 - 1}-{2**64 - 1}"
+    assert parse_activity_cursor(top) == top
+    for invalid in ("0-99999999999999999999", "99999999999999999999-0", str(2**64), "1-", "-1"):
+        assert parse_activity_cursor(invalid) is None, invalid
+    for invalid in ("1-2-3", "1-²", "a-1", ""):
+        assert parse_activity_cursor(invalid) is None, invalid
+
+
+async def test_a_cursor_of_an_expired_board_gets_a_reset_never_new_events_under_old_numbers(
+    store: FaultyStore,
+) -> None:
+    hub: ActivityHub[int] = ActivityHub(store, render_board=int, render_activity=int)
+    await send(store, "a", 5)
+    old = (await store.board_after("a", 0))[0].epoch
+    store.expire_board("a")  # idle past ADVANCED_BOARD_IDLE_TTL_SECONDS
+    await send(store, "a", 3)
+    new = (await store.board_after("a", 0))[0].epoch
+    assert old and new and new != old
+
+    for stale in (BoardCursor(1, old), BoardCursor(5, old), BoardCursor(9, old)):
+        replay = await hub.replay_board("a", stale)
+        assert replay.reason == "history_lost" and replay.epoch == new, stale
+        events = await replayed(replay)
+        assert [(e.sequence, e.epoch) for e in events] == [(1, new), (2, new), (3, new)]
+
+    current = await hub.replay_board("a", BoardCursor(1, new))
+    assert current.reason is None and [e.sequence for e in await replayed(current)] == [2, 3]
+    # A cursor without an epoch (an older client) is trusted against the current epoch.
+    plain = await hub.replay_board("a", BoardCursor(2))
+    assert plain.reason is None and [e.sequence for e in await replayed(plain)] == [3]
+
+
+async def test_a_board_that_starts_again_resets_its_subscribers_in_band(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    with hub.subscribe_board("a", 100) as on_a, hub.subscribe_activity(None, 100) as on_all:
+        await send(store, "a", 3)
+        assert await take(on_a, 3) == [1, 2, 3]
+        store.expire_board("a")
+        await send(store, "a", 2)
+        with pytest.raises(HistoryLost):  # after the events queued before, then the new
+            await on_a.next()
+        assert await take(on_a, 2) == [1, 2]
+        # The activity stream's ids go on: its subscribers carry on without a reset.
+        assert await take(on_all, 5) == [1, 2, 3, 1, 2]
+        await nothing_more(on_a)
+
+
+async def test_the_hub_forgets_boards_that_have_no_subscribers(
+    hub: ActivityHub[int], store: FaultyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(200):
+        with hub.subscribe_board(f"b{n}", 10) as subscription:
+            await send(store, f"b{n}", 1)
+            await take(subscription, 1)
+            await hub.replay_board(f"b{n}", BoardCursor(0))
+    await send(store, "nobody-listens", 3)
+    assert hub.board_ids == [] and hub.tracked_boards == 0
+
+    # While an activity-stream subscriber is here, the boards it sees are kept, bounded.
+    monkeypatch.setattr("envelope.feed.MAX_TRACKED_BOARDS", 20)
+    with hub.subscribe_activity(None, 1000) as on_all, hub.subscribe_board("kept", 10) as kept:
+        await send(store, "kept", 1)
+        for n in range(50):
+            await send(store, f"c{n}", 1)
+        await take(on_all, 51)
+        await take(kept, 1)
+        assert 1 <= hub.tracked_boards <= 21
+        await send(store, "kept", 1)
+        assert await take(kept, 1) == [2]  # a board with a subscriber is never forgotten
+    assert hub.tracked_boards == 0

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
 from support.clients import sse, stalled_sse
+from support.stores import ReadCounter
 
 TOKEN = "gateway-unit-token"
 
@@ -98,7 +99,9 @@ async def test_live_events_carry_the_board_sequence_as_id(
         await relay(transport, "other", 1)
         await relay(transport, "demo", 2)
         first, second = await stream.next(), await stream.next()
-    assert (first.id, second.id) == ("1", "2")
+    # `<sequence>.<epoch>`: a cursor of another epoch of the board is never taken for this one.
+    epoch = first.json()["epoch"]
+    assert (first.id, second.id) == (f"1.{epoch}", f"2.{epoch}") and epoch.isdigit()
     assert first.json()["board_id"] == "demo"
 
 
@@ -108,7 +111,7 @@ async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(
     await relay(transport, "demo", 12)  # retention is 5: events 8..12 remain
     async with sse(f"{url}/sse/boards/demo?token={TOKEN}&last_event_id=2") as stream:
         reset = await stream.next(kind="reset")
-        replayed = [int((await stream.next()).id or 0) for _ in range(5)]
+        replayed = [(await stream.next()).json()["sequence"] for _ in range(5)]
     assert reset.json() == {"reason": "cursor_expired", "board_id": "demo", "oldest_cursor": "8"}
     assert replayed == [8, 9, 10, 11, 12]
 
@@ -247,3 +250,46 @@ async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(
         finally:
             sock.close()
     assert "advanced_sse_slow_consumers_total 1.0" in text
+
+
+async def test_a_client_that_stalls_in_a_resume_does_not_make_the_gateway_read_the_history() -> (
+    None
+):
+    store = ReadCounter(MemoryStore(retention=10_000))
+    transport = MemoryTransport(store=store)  # type: ignore[arg-type]
+    history = 6000
+    await relay(transport, "big", history, pad=2000)  # 12 MB retained
+    store.rows = 0
+    async with served(transport, sse_send_timeout_seconds=0.5) as (url, _app):
+        port = int(url.rsplit(":", 1)[1])
+        sock = await stalled_sse(port, "big", TOKEN, last_event_id="0")
+        try:
+            await until(lambda: _equals(gauge(url), 1))
+            await until(lambda: _equals(gauge(url), 0), 10)  # cut by the send timeout
+        finally:
+            sock.close()
+    # What the socket buffers took, and a page: not the 12 MB of history.
+    assert 0 < store.rows < history // 2, store.rows
+
+
+async def test_a_cursor_redis_would_refuse_gets_a_reset_and_the_stream_goes_on(
+    url: str, transport: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = {
+        # Stream ids are two unsigned 64-bit numbers, board sequences signed 64 bits.
+        "activity": ["0-99999999999999999999", "99999999999999999999-0", str(2**64), "1-2-3"],
+        "boards/far": [str(2**63), "99999999999999999999", "12a", "-1"],
+    }
+    for route, cursors in refused.items():
+        for cursor in cursors:
+            for header in (True, False):
+                query = "" if header else f"&last_event_id={cursor}"
+                headers = {"Last-Event-ID": cursor} if header else {}
+                async with sse(f"{url}/sse/{route}?token={TOKEN}{query}", headers) as stream:
+                    reset = await stream.next(kind="reset")
+                    await relay(transport, "far", 1)
+                    newest = (await transport.store.board_head("far"))[1]
+                    while (await stream.next()).json()["sequence"] != newest:
+                        pass  # what was retained, then the live event: the stream goes on
+                assert reset.json()["reason"] == "cursor_expired", (route, cursor)
+    assert not [record for record in caplog.records if record.exc_info], caplog.text

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
@@ -26,7 +26,19 @@ from envelope.topology import RedisKeys
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PAGE = 1000
+C = TypeVar("C", int, str)
+# Events read from Redis per round trip, for a replay and for the hub's own catch-up: a replay
+# holds one page at a time, so a stream's memory is bounded by it, not by the history.
+PAGE = 200
+# Redis keeps a board's sequence with INCR (signed 64 bits) and a stream id as two unsigned
+# 64-bit numbers: a cursor past either is no cursor Redis could have given.
+MAX_SEQUENCE = 2**63 - 1
+MAX_STREAM_ID_PART = 2**64 - 1
+MAX_EPOCH = 10**20 - 1  # an epoch is 1-20 digits (`envelope.models.EPOCH_PATTERN`)
+# Boards whose last sequence and epoch the hub keeps for an activity-stream subscriber (every
+# board) beyond those with subscribers of their own: past this, the first-seen are forgotten.
+MAX_TRACKED_BOARDS = 10_000
+ResetReason = Literal["cursor_expired", "history_lost"]
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 # After this long without a frame, the feed pings the subscription connection and expects
 # the reply within as long again: a connection dropped without a reset cannot go unnoticed.
@@ -47,12 +59,22 @@ class ActivityStore(Protocol):
         """
         ...
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]: ...
+    async def board_after(
+        self, board_id: str, sequence: int, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        """At most `count` of the board's retained events after `sequence`, in order."""
+        ...
 
-    async def activity_after(self, stream_id: str) -> list[RelayedEvent]: ...
+    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
+        """At most `count` retained activity entries after `stream_id`, in order."""
+        ...
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
         """(oldest retained, newest) sequence of the board; (0, 0) when it has no events."""
+        ...
+
+    async def board_epoch(self, board_id: str) -> str | None:
+        """The board's current epoch; None once its state expired (or before it had one)."""
         ...
 
     async def activity_head(self) -> tuple[str, str]:
@@ -63,6 +85,70 @@ class ActivityStore(Protocol):
 def stream_id_key(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _number(text: str, most: int) -> int | None:
+    # ASCII digits only ("²".isdigit() is true and int("²") raises), and never a 5000-digit
+    # int: 20 digits hold every 64-bit number.
+    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if number <= most else None
+
+
+@dataclass(frozen=True, slots=True)
+class BoardCursor:
+    """Where a board client resumes: after `sequence` of the board's `epoch`.
+
+    Without an epoch (a client older than epochs) the sequence is trusted against the board's
+    current epoch.
+    """
+
+    sequence: int
+    epoch: str | None = None
+
+
+def parse_board_cursor(cursor: str | int | None, epoch: str | None = None) -> BoardCursor | None:
+    """The one reading of a board cursor: `<sequence>` or `<sequence>.<epoch>` (SSE `id:`,
+    `Last-Event-ID`, `?last_event_id=`, WebSocket `?after=`, a resume frame's `after`), with
+    the epoch given apart (`?epoch=`, the frame's `epoch`) or not at all. None when it is no
+    valid cursor: the client resumes with a reset from the oldest retained event."""
+    if isinstance(cursor, int):
+        cursor = str(cursor)
+    if cursor is None:
+        return None
+    text, dot, embedded = cursor.partition(".")
+    if dot:
+        if epoch is not None and epoch != embedded:
+            return None
+        epoch = embedded
+    if epoch is not None and _number(epoch, MAX_EPOCH) is None:
+        return None
+    sequence = _number(text, MAX_SEQUENCE)
+    return None if sequence is None else BoardCursor(sequence, epoch)
+
+
+def board_cursor(event: RelayedEvent) -> str:
+    """The cursor of a board event, as SSE sends it in `id:`: `<sequence>.<epoch>`."""
+    return f"{event.sequence}.{event.epoch}" if event.epoch else str(event.sequence)
+
+
+def _older_epoch(epoch: str, than: str) -> bool:
+    # Epochs are decimal ms without leading zeros: shorter is older, then by digits.
+    return (len(epoch), epoch) < (len(than), than)
+
+
+def parse_activity_cursor(cursor: str | None) -> str | None:
+    """The one reading of an `/sse/activity` cursor (a stream id, `<ms>` or `<ms>-<seq>`) in
+    the form Redis takes; None when Redis would refuse it (a reset then, not an error)."""
+    if cursor is None:
+        return None
+    ms, dash, seq = cursor.partition("-")
+    high = _number(ms, MAX_STREAM_ID_PART)
+    low = _number(seq, MAX_STREAM_ID_PART) if dash else 0
+    if high is None or low is None:
+        return None
+    return f"{high}-{low}"
 
 
 class RedisActivityStore:
@@ -110,16 +196,6 @@ class RedisActivityStore:
             elif kind == "subscribe":
                 raise RedisConnectionError("the activity subscription was re-established")
 
-    async def _range(self, key: str, after: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
-        start = f"({after}"
-        while True:
-            rows = cast(StreamRows, await self._client.xrange(key, min=start, count=PAGE))
-            for entry_id, fields in rows:
-                yield entry_id.decode(), fields
-            if len(rows) < PAGE:
-                return
-            start = "(" + rows[-1][0].decode()
-
     async def _ends(self, key: str) -> tuple[str, str] | None:
         first = cast(StreamRows, await self._client.xrange(key, count=1))
         last = cast(StreamRows, await self._client.xrevrange(key, count=1))
@@ -127,18 +203,34 @@ class RedisActivityStore:
             return None
         return first[0][0].decode(), last[0][0].decode()
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
+    async def board_after(
+        self, board_id: str, sequence: int, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        key = self._keys.board_stream(board_id)
+        rows = cast(StreamRows, await self._client.xrange(key, min=f"({sequence}-0", count=count))
         return [
-            RelayedEvent(fields[b"a"].decode(), board_id, int(entry_id.split("-")[0]), fields[b"e"])
-            async for entry_id, fields in self._range(
-                self._keys.board_stream(board_id), f"{sequence}-0"
+            RelayedEvent(
+                fields[b"a"].decode(),
+                board_id,
+                int(entry_id.split(b"-")[0]),
+                fields[b"e"],
+                fields.get(b"p", b"").decode(),  # none from a relay older than epochs
             )
+            for entry_id, fields in rows
         ]
 
-    async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
+    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
+        key = self._keys.activity_stream
+        rows = cast(StreamRows, await self._client.xrange(key, min=f"({stream_id}", count=count))
         return [
-            RelayedEvent(entry_id, fields[b"b"].decode(), int(fields[b"s"]), fields[b"e"])
-            async for entry_id, fields in self._range(self._keys.activity_stream, stream_id)
+            RelayedEvent(
+                entry_id.decode(),
+                fields[b"b"].decode(),
+                int(fields[b"s"]),
+                fields[b"e"],
+                fields.get(b"p", b"").decode(),
+            )
+            for entry_id, fields in rows
         ]
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
@@ -149,6 +241,10 @@ class RedisActivityStore:
 
     async def activity_head(self) -> tuple[str, str]:
         return await self._ends(self._keys.activity_stream) or ("0-0", "0-0")
+
+    async def board_epoch(self, board_id: str) -> str | None:
+        epoch = cast(bytes | None, await self._client.get(self._keys.epoch(board_id)))
+        return None if epoch is None else epoch.decode()
 
 
 class StreamInterrupted(Exception):
@@ -304,21 +400,36 @@ class Subscription(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
-    events: list[RelayedEvent]
-    # Events after the cursor are no longer retained (or the history it came from is gone):
-    # the client gets a reset, and `events` is everything retained from there on.
-    expired: bool
+class Replay(Generic[C]):
+    """What a resume owes the client, read page by page as the client takes it."""
+
+    # The retained events after the cursor, up to `until`, one page per step: the next page
+    # is read only when the caller asks for it, after it wrote the last one.
+    pages: AsyncGenerator[list[RelayedEvent], None]
+    # Why the client gets a reset first, if it does: events after the cursor are no longer
+    # retained (`cursor_expired`), or the cursor is of a history the board no longer has
+    # (`history_lost`: it expired and started again under a new epoch). `pages` is then
+    # everything retained from the oldest on.
+    reason: ResetReason | None
     oldest_cursor: str | None
+    # The newest event when the replay began: the replay ends there and live events up to
+    # it are duplicates (this is the seam between the two).
+    until: C
+    epoch: str = ""  # the board's current epoch ("" for the activity stream, or none known)
+
+    @property
+    def expired(self) -> bool:
+        return self.reason is not None
 
 
 class ActivityHub(Generic[T]):
     """The process's single subscriber: orders, de-duplicates and fans out relayed events.
 
-    It keeps the last sequence seen per board; a frame at or below it is a duplicate and a
-    frame past the next one reveals a gap, filled from the board's stream. After a lost
-    connection it resubscribes and catches up from the activity stream, so clients that stay
-    connected miss nothing.
+    It keeps the last sequence seen and the epoch of each board it has subscribers for; a
+    frame at or below that sequence is a duplicate, a frame past the next one reveals a gap,
+    filled from the board's stream, and a frame of a newer epoch resets the board's clients.
+    After a lost connection it resubscribes and catches up from the activity stream, so
+    clients that stay connected miss nothing.
     """
 
     def __init__(
@@ -328,16 +439,20 @@ class ActivityHub(Generic[T]):
         render_board: Callable[[RelayedEvent], T],
         render_activity: Callable[[RelayedEvent], T],
         retry_seconds: float = 0.5,
+        page: int = PAGE,
     ) -> None:
         self._store = store
+        self._page = page
         self._render_board = render_board
         self._render_activity = render_activity
         self._retry_seconds = retry_seconds
         self._boards: dict[str, set[Subscription[T]]] = {}
         self._activity: set[Subscription[T]] = set()
+        # Per board, only while it has subscribers here (or, bounded, while an activity-stream
+        # subscriber is here): the last sequence dispatched and the epoch it belongs to.
         self._last_sequence: dict[str, int] = {}
+        self._epochs: dict[str, str] = {}
         self._last_stream_id: str | None = None
-        self._history_restarted = False
         self.connected = asyncio.Event()
         self.on_event: Callable[[RelayedEvent, int], None] = lambda event, receivers: None
 
@@ -365,37 +480,113 @@ class ActivityHub(Generic[T]):
     def _leave(self, subscription: Subscription[T], board_id: str | None) -> None:
         if board_id is None:
             self._activity.discard(subscription)
+            if not self._activity:  # what was kept for it only is forgotten
+                for board in [b for b in self._last_sequence if b not in self._boards]:
+                    self._forget(board)
             return
         listeners = self._boards.get(board_id)
         if listeners is not None:
             listeners.discard(subscription)
             if not listeners:
                 del self._boards[board_id]
+                if not self._activity:
+                    self._forget(board_id)
 
-    async def replay_board(self, board_id: str, after: int) -> Replay:
-        """The retained events after sequence `after`; `expired` if some were missed.
+    def _forget(self, board_id: str) -> None:
+        self._last_sequence.pop(board_id, None)
+        self._epochs.pop(board_id, None)
 
-        A cursor past the newest event comes from a history Redis has since lost: the
-        client is told to reset and gets all that is retained now.
+    @property
+    def tracked_boards(self) -> int:
+        """Boards this hub keeps state for (sequence or epoch): bounded, see `_leave`."""
+        return len(self._last_sequence.keys() | self._epochs.keys())
+
+    async def replay_board(self, board_id: str, cursor: BoardCursor | None) -> Replay[int]:
+        """The retained events after `cursor`, in pages, with the reason for a reset if any.
+
+        A cursor of another epoch than the board's current one is of a history that expired:
+        `history_lost`, then the current epoch's events, never events under the old numbers.
+        An invalid cursor (None), or one past the newest event (from a history Redis has
+        since lost), gets a reset and all that is retained now.
         """
+        epoch = await self._store.board_epoch(board_id)
         oldest, newest = await self._store.board_head(board_id)
+        if epoch and board_id in self._boards:
+            # The caller subscribed first: its live events must be checked against the
+            # epoch it is replayed from, even before this hub has seen one of the board's.
+            self._epochs.setdefault(board_id, epoch)
         oldest_cursor = str(oldest) if oldest else None
-        if after > newest:
-            return Replay(await self._store.board_after(board_id, 0), True, oldest_cursor)
-        events = await self._store.board_after(board_id, after)
-        return Replay(events, oldest > after + 1, oldest_cursor)
+        reason: ResetReason | None = None
+        after = 0
+        if cursor is not None and cursor.epoch and epoch and cursor.epoch != epoch:
+            reason = "history_lost"
+        elif cursor is None or cursor.sequence > newest:
+            reason = "cursor_expired"
+        else:
+            after = cursor.sequence
+            if oldest > after + 1:
+                reason = "cursor_expired"
+        pages = self._board_pages(board_id, after, newest, epoch)
+        return Replay(pages, reason, oldest_cursor, newest, epoch or "")
 
-    async def replay_activity(self, after: str) -> Replay:
-        """As `replay_board`, by activity stream id across boards."""
+    async def replay_activity(
+        self, cursor: str | None, boards: frozenset[str] | None = None
+    ) -> Replay[str]:
+        """As `replay_board`, by activity stream id across boards (or across `boards` only:
+        a credential with none reads nothing)."""
         oldest, newest = await self._store.activity_head()
-        cursor = stream_id_key(after)
-        if cursor > stream_id_key(newest):
-            events = await self._store.activity_after("0-0")
-            return Replay(events, True, oldest if oldest != "0-0" else None)
-        events = await self._store.activity_after(after)
+        oldest_cursor = oldest if oldest != "0-0" else None
+        if cursor is None or stream_id_key(cursor) > stream_id_key(newest):
+            pages = self._activity_pages("0-0", newest, boards)
+            return Replay(pages, "cursor_expired", oldest_cursor, newest)
         # The cursor's own entry trimmed away: entries after it may have gone with it.
-        expired = cursor != (0, 0) and stream_id_key(oldest) > cursor
-        return Replay(events, expired, oldest if oldest != "0-0" else None)
+        position = stream_id_key(cursor)
+        expired = position != (0, 0) and stream_id_key(oldest) > position
+        pages = self._activity_pages(cursor, newest, boards)
+        return Replay(pages, "cursor_expired" if expired else None, oldest_cursor, newest)
+
+    async def _board_pages(
+        self, board_id: str, after: int, until: int, epoch: str | None = None
+    ) -> AsyncGenerator[list[RelayedEvent], None]:
+        """The board's events in (after, until] of `epoch`, a page per step, each read when
+        asked for. It stops at an event of another epoch: the board started again meanwhile,
+        and the live subscription resets the client."""
+        while after < until:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                page = await self._store.board_after(board_id, after, self._page)
+            if not page:
+                return
+            after = page[-1].sequence
+            if after > until:  # newer than the replay: the live subscription has those
+                page = [event for event in page if event.sequence <= until]
+            if epoch and any(event.epoch and event.epoch != epoch for event in page):
+                page = [event for event in page if not event.epoch or event.epoch == epoch]
+                after = until  # the rest is of the new epoch: not part of this replay
+            if page:
+                yield page
+            del page  # not held while the next page is read
+
+    async def _activity_pages(
+        self, after: str, until: str, boards: frozenset[str] | None
+    ) -> AsyncGenerator[list[RelayedEvent], None]:
+        """As `_board_pages` for the activity stream, each page filtered to `boards`."""
+        end = stream_id_key(until)
+        while (boards is None or boards) and stream_id_key(after) < end:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                page = await self._store.activity_after(after, self._page)
+            if not page:
+                return
+            after = page[-1].stream_id
+            if boards is not None or stream_id_key(after) > end:
+                page = [
+                    event
+                    for event in page
+                    if (boards is None or event.board_id in boards)
+                    and stream_id_key(event.stream_id) <= end
+                ]
+            if page:
+                yield page
+            del page
 
     async def run(self) -> None:
         """Subscribe, catch up after every reconnect, dispatch; until cancelled."""
@@ -431,13 +622,23 @@ class ActivityHub(Generic[T]):
         if stream_id_key(newest) < stream_id_key(self._last_stream_id):
             # The stream went back in time: Redis restarted without its data.
             self._history_lost()
-        for event in await self._store.activity_after(self._last_stream_id):
-            await self._accept(event)
+        after = self._last_stream_id
+        while True:
+            page = await self._store.activity_after(after, self._page)
+            if not page:
+                return
+            for event in page:
+                await self._accept(event)
+            after = page[-1].stream_id
 
     async def _accept(self, event: RelayedEvent) -> None:
         """Dispatch `event` after any of its board's events that this process missed."""
-        # After a loss of history every board starts again from sequence 1.
-        last = self._last_sequence.get(event.board_id, 0 if self._history_restarted else None)
+        known = self._epochs.get(event.board_id)
+        if event.epoch and known and event.epoch != known:
+            if _older_epoch(event.epoch, known):
+                return  # of a history that was already replaced: never under old numbers
+            self._board_restarted(event.board_id)
+        last = self._last_sequence.get(event.board_id)
         if last is not None and event.sequence <= last:
             if self._last_stream_id is None or stream_id_key(event.stream_id) <= stream_id_key(
                 self._last_stream_id
@@ -450,12 +651,11 @@ class ActivityHub(Generic[T]):
         if last is not None and event.sequence > last + 1:
             # Frames arrive in order on one connection, so a gap means we reconnected or the
             # catch-up met a trimmed activity stream: the board's own stream has the rest.
-            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-                missing = await self._store.board_after(event.board_id, last)
-            for missed in missing:
-                if missed.sequence >= event.sequence:
-                    break
-                self._dispatch(missed)
+            async for missing in self._board_pages(
+                event.board_id, last, event.sequence - 1, event.epoch or None
+            ):
+                for missed in missing:
+                    self._dispatch(missed)
             if self._last_sequence.get(event.board_id, 0) < event.sequence - 1:
                 log.warning(
                     "events no longer retained were skipped",
@@ -463,11 +663,23 @@ class ActivityHub(Generic[T]):
                 )
         self._dispatch(event)
 
+    def _board_restarted(self, board_id: str) -> None:
+        """The board expired while idle and was written again: a new epoch, sequences from 1.
+
+        Its subscribers are told to reset, in band (after the events queued before); the
+        activity stream's ids go on, so its subscribers carry on.
+        """
+        log.info("a board started again under a new epoch", extra={"board_id": board_id})
+        self._last_sequence[board_id] = 0  # its new events from 1 on, gaps filled
+        for subscription in self._boards.get(board_id, ()):
+            subscription.history_lost()
+
     def _history_lost(self) -> None:
         log.warning("Redis lost its data: sequences start again; telling every client to reset")
-        self._last_sequence.clear()
+        # Every board starts again from sequence 1: those with subscribers fill from there.
+        self._last_sequence = dict.fromkeys(self._boards, 0)
+        self._epochs.clear()
         self._last_stream_id = "0-0"
-        self._history_restarted = True
         for listeners in self._boards.values():
             for subscription in listeners:
                 subscription.history_lost()
@@ -475,7 +687,13 @@ class ActivityHub(Generic[T]):
             subscription.history_lost()
 
     def _dispatch(self, event: RelayedEvent) -> None:
-        self._last_sequence[event.board_id] = event.sequence
+        board_id = event.board_id
+        if board_id in self._boards or self._activity:
+            self._last_sequence[board_id] = event.sequence
+            if event.epoch:
+                self._epochs[board_id] = event.epoch
+            if len(self._last_sequence) > MAX_TRACKED_BOARDS:
+                self._forget_one_unsubscribed()
         if self._last_stream_id is None or stream_id_key(event.stream_id) > stream_id_key(
             self._last_stream_id
         ):
@@ -496,3 +714,13 @@ class ActivityHub(Generic[T]):
                     subscription.offer(event, rendered_activity)
                     receivers += 1
         self.on_event(event, receivers)
+
+    def _forget_one_unsubscribed(self) -> None:
+        # The first-seen board that has no subscriber of its own (an activity-stream
+        # subscriber's only): it loses only the gap check of its next event.
+        for board_id in self._last_sequence:
+            if board_id not in self._boards:
+                break
+        else:
+            return
+        self._forget(board_id)

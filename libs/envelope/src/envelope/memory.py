@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from envelope.codec import RelayedEvent, with_sequence
-from envelope.feed import stream_id_key
+from envelope.feed import PAGE, stream_id_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +119,16 @@ class MemoryStore:
         while True:
             yield await queue.get()
 
-    async def board_after(self, board_id: str, sequence: int) -> list[RelayedEvent]:
-        return [e for e in self._boards.get(board_id, ()) if e.sequence > sequence]
+    async def board_after(
+        self, board_id: str, sequence: int, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        events = self._boards.get(board_id, ())
+        return list(itertools.islice((e for e in events if e.sequence > sequence), count))
 
-    async def activity_after(self, stream_id: str) -> list[RelayedEvent]:
+    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
         after = stream_id_key(stream_id)
-        return [e for e in self._activity if stream_id_key(e.stream_id) > after]
+        later = (e for e in self._activity if stream_id_key(e.stream_id) > after)
+        return list(itertools.islice(later, count))
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
         events = self._boards.get(board_id)

@@ -118,5 +118,7 @@ class ResetFrame(_Wire):
 
     kind: Literal["reset"] = "reset"
     board_id: str | None
-    reason: Literal["cursor_expired"] = "cursor_expired"
+    # `history_lost`: the board's history is gone (it expired and started again under a new
+    # epoch, or Redis lost its data); drop the old cursor, the events that follow are the new.
+    reason: Literal["cursor_expired", "history_lost"] = "cursor_expired"
     oldest_cursor: str | None

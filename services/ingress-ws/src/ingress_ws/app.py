@@ -66,16 +66,6 @@ STATIC = Path(__file__).parent / "static"
 BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
-MAX_CURSOR_DIGITS = 19  # a board sequence fits in 63 bits; longer is not a cursor
-
-
-def parse_cursor(cursor: str | None) -> int | None:
-    """A resume cursor from the query, or None: ASCII digits only (`"²".isdigit()` is true)."""
-    if cursor and len(cursor) <= MAX_CURSOR_DIGITS and cursor.isascii() and cursor.isdigit():
-        return int(cursor)
-    return None
-
-
 def origin_allowed(
     websocket: WebSocket, credential: Credential | None, settings: IngressSettings
 ) -> bool:
@@ -317,8 +307,11 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if runtime.presence.connections >= settings.websocket_max_connections:
             await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
             return
-        cursor = websocket.query_params.get("after") or websocket.query_params.get("last_event_id")
-        await BoardSocket(websocket, board_id, principal, runtime).run(parse_cursor(cursor))
+        # Validated where it is replayed (`parse_board_cursor`): an invalid one gets a reset.
+        query = websocket.query_params
+        cursor = query.get("after") or query.get("last_event_id")
+        resume = None if cursor is None else (cursor, query.get("epoch") or None)
+        await BoardSocket(websocket, board_id, principal, runtime).run(resume)
 
     # Starlette's route, not FastAPI's: no dependency injection to resolve, and none of its
     # per-request state held for the socket's whole life (≈ 4 KiB per idle socket).

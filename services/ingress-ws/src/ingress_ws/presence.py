@@ -62,4 +62,8 @@ class BoardPresence:
                 board_id, self._instance, self.local.get(board_id, 0), self._ttl
             )
             if board_id in self.local:
-                self._totals[board_id] = await self._store.presence_total(board_id)
+                total = await self._store.presence_total(board_id)
+                # Checked again after the read: the board's last socket may have left during
+                # it, and a total kept for a board with none here would never be dropped.
+                if board_id in self.local:
+                    self._totals[board_id] = total

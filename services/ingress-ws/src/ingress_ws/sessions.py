@@ -14,7 +14,7 @@ from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.auth import Principal
 from envelope.codec import InvalidFrame, RelayedEvent
-from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
+from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
     SCHEMA_VERSION,
     AckFrame,
@@ -27,7 +27,7 @@ from envelope.models import (
 )
 from envelope.observability import DeliveryTracker, inject_trace_context
 from envelope.service import delivery_latency_histogram
-from limits import RateLimitItem
+from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
@@ -173,6 +173,11 @@ class BoardSocket:
         self._publishes: set[asyncio.Task[None]] = set()
         self._strikes = 0
         self._budget = runtime.budget.connection_budget()
+        # A cursor to replay from (`?after=` or a resume frame), taken up by the writer; the
+        # resume budget is made at the first resume frame (an idle socket holds none).
+        self._resume_from: tuple[str | int, str | None] | None = None  # (cursor, epoch)
+        self._resume_budget: AsyncLimiter | None = None
+        self._subscription: Subscription[str] | None = None
         # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
         self.client = websocket.client.host if websocket.client else "unknown"
 
@@ -181,7 +186,7 @@ class BoardSocket:
         # Bound when something is logged, not held by every idle socket.
         return log.bind(board_id=self.board_id, sender=self.sender)
 
-    async def run(self, resume_after: int | None) -> None:
+    async def run(self, resume_from: tuple[str, str | None] | None) -> None:
         runtime = self.runtime
         runtime.sockets.add(self)
         runtime.metrics.connections.inc()
@@ -190,8 +195,8 @@ class BoardSocket:
             with runtime.hub.subscribe_board(
                 self.board_id, runtime.settings.websocket_send_queue
             ) as subscription:
-                if resume_after is not None:
-                    await self.resume(resume_after)
+                self._subscription = subscription
+                self._resume_from = resume_from  # the writer replays it first
                 writer = asyncio.create_task(self._write(subscription))
                 # A writer stuck in a send to a client that stopped reading would never see
                 # the overflow: it is cut off there.
@@ -229,22 +234,41 @@ class BoardSocket:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS)
 
-    async def resume(self, after: int) -> None:
-        """Replay the board's retained events after `after`, then carry on live without a seam."""
-        replay = await self.runtime.hub.replay_board(self.board_id, after)
-        total = self.runtime.presence.total(self.board_id)
-        async with self._send_lock:
-            self.runtime.metrics.replayed.inc(len(replay.events))
-            if replay.expired:
-                self.runtime.metrics.resets.inc()
-                reset = ResetFrame(board_id=self.board_id, oldest_cursor=replay.oldest_cursor)
+    async def _replay(self, cursor: str | int, epoch: str | None) -> None:
+        """Replay the board's retained events after `cursor`, then carry on live without a
+        seam. The writer runs it, so live events wait in the subscription's bounded queue
+        (its overflow cuts a slow consumer); pages are read one at a time as the client takes
+        them, and acks may go out between pages."""
+        runtime = self.runtime
+        replay = await runtime.hub.replay_board(self.board_id, parse_board_cursor(cursor, epoch))
+        if replay.reason is not None:
+            runtime.metrics.resets.inc()
+            reset = ResetFrame(
+                board_id=self.board_id, reason=replay.reason, oldest_cursor=replay.oldest_cursor
+            )
+            async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(reset).decode())
-            for event in replay.events:
-                await self.websocket.send_text(codec.event_frame(event.event, total).decode())
-            if replay.events:
-                self._last_sequence = replay.events[-1].sequence
-            else:  # expired with nothing retained: any sequence that comes next is new
-                self._last_sequence = 0 if replay.expired else after
+        async with contextlib.aclosing(replay.pages) as pages:
+            async for page in pages:
+                total = runtime.presence.total(self.board_id)
+                async with self._send_lock:
+                    for event in page:
+                        await self.websocket.send_text(
+                            codec.event_frame(event.event, total).decode()
+                        )
+                runtime.metrics.replayed.inc(len(page))
+        # Live events up to where the replay ended were in it.
+        self._last_sequence = replay.until
+
+    async def _resume_allowed(self) -> bool:
+        """Resume frames have a budget of their own: each may cost a replay of the history."""
+        if self._resume_budget is None:
+            limit = parse(self.runtime.settings.websocket_resume_rate_limit)
+            self._resume_budget = AsyncLimiter(limit.amount, limit.get_expiry())
+        if not self._resume_budget.has_capacity():
+            return False
+        await self._resume_budget.acquire()  # returns at once: there is capacity
+        return True
 
     async def _read(self) -> None:
         settings = self.runtime.settings
@@ -279,7 +303,18 @@ class BoardSocket:
                 await self._refuse(exc)
                 continue
             if isinstance(frame, ResumeRequest):
-                await self.resume(frame.after)
+                if not await self._resume_allowed():
+                    limit = settings.websocket_resume_rate_limit
+                    await self._refuse(
+                        InvalidFrame(
+                            "rate_limited",
+                            f"Too many resume requests (at most {limit}); resume less often.",
+                        )
+                    )
+                    continue
+                self._resume_from = (frame.after, frame.epoch)
+                if self._subscription is not None:
+                    self._subscription.wake()  # the writer takes it up between batches
                 continue
             await self._in_flight.acquire()
             task = asyncio.create_task(self._publish(frame, time.perf_counter()))
@@ -356,17 +391,26 @@ class BoardSocket:
     async def _write(self, subscription: Subscription[str]) -> None:
         written = self.runtime.metrics.delivery.written
         while True:
+            if self._resume_from is not None:
+                (cursor, epoch), self._resume_from = self._resume_from, None
+                await self._replay(cursor, epoch)
+                continue
             try:
                 # Several events waiting are sent under one hold of the lock, without a
                 # wake-up of this task per event.
-                batch = await subscription.next_batch(WRITE_BATCH)
+                batch = subscription.take_batch(WRITE_BATCH)
             except HistoryLost:
                 # Redis lost its data and sequences start again: say so, then carry on.
                 async with self._send_lock:
                     self.runtime.metrics.resets.inc()
-                    reset = ResetFrame(board_id=self.board_id, oldest_cursor=None)
+                    reset = ResetFrame(
+                        board_id=self.board_id, reason="history_lost", oldest_cursor=None
+                    )
                     await self.websocket.send_text(codec.dumps(reset).decode())
                     self._last_sequence = 0
+                continue
+            if not batch:
+                await subscription.wait()  # also woken by a resume request
                 continue
             async with self._send_lock:
                 for event, frame in batch:

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from envelope.settings import SuiteSettings
-from pydantic import Field
+from limits import parse
+from pydantic import Field, field_validator
 
 
 class IngressSettings(SuiteSettings):
@@ -11,6 +12,8 @@ class IngressSettings(SuiteSettings):
     websocket_rate_limit: str = "100/second"
     websocket_rate_limit_strikes: int = Field(default=20, ge=1)
     websocket_send_queue: int = Field(default=1000, ge=1)
+    # Resume frames per socket (a leaky bucket): each may replay the board's whole history.
+    websocket_resume_rate_limit: str = "6/minute"
     websocket_idle_timeout_seconds: float = Field(default=300, gt=0)
     # Optional: one message budget per client address across all its sockets and replicas
     # (counted in Redis); unset by default, since clients behind one NAT share an address.
@@ -28,3 +31,14 @@ class IngressSettings(SuiteSettings):
     sse_public_url: str = "http://localhost:8005"
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
+
+    @field_validator("websocket_resume_rate_limit")
+    @classmethod
+    def _a_rate_limit(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a rate limit; write it as `6/minute` or `1/10 seconds`"
+            ) from None
+        return value

@@ -19,8 +19,9 @@ idle streams and at fan-out that is most of the gateway's memory and CPU per del
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
@@ -59,8 +60,9 @@ class Feed(Protocol):
 
     def subscribe(self) -> AbstractContextManager[Subscription[bytes]]: ...
 
-    async def replay(self) -> list[bytes]:
-        """The frames owed on resume (a reset, then the retained events), once subscribed."""
+    def replay(self) -> AsyncGenerator[bytes, None]:
+        """The chunks owed on resume (a reset, then a page of retained events per chunk), once
+        subscribed; each is read only after the last was written."""
         ...
 
     def fresh(
@@ -188,8 +190,11 @@ class EventStreamResponse(Response):
                 self._last_beat = loop.time()
                 self._arm(loop)
                 try:
-                    for chunk in await self._feed.replay():
-                        await self._write(write, chunk, loop)
+                    # A page at a time: the next is read from Redis only once the client
+                    # took this one, so a stalled client holds one page, not the history.
+                    async with contextlib.aclosing(self._feed.replay()) as chunks:
+                        async for chunk in chunks:
+                            await self._write(write, chunk, loop)
                     await self._pump(write, subscription, loop)
                 finally:
                     _count_if_cut(

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AbstractContextManager
 
 import orjson
 from envelope.codec import RelayedEvent
-from envelope.feed import ActivityHub, Replay, Subscription, stream_id_key
+from envelope.feed import (
+    ActivityHub,
+    Replay,
+    Subscription,
+    board_cursor,
+    parse_activity_cursor,
+    parse_board_cursor,
+    stream_id_key,
+)
 from envelope.observability import DeliveryTracker
 from envelope.service import delivery_latency_histogram
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -69,7 +78,7 @@ def _activity(event: RelayedEvent, event_id: str) -> bytes:
 
 
 def board_frame(event: RelayedEvent) -> bytes:
-    return _activity(event, str(event.sequence))
+    return _activity(event, field_safe(board_cursor(event)))
 
 
 def activity_frame(event: RelayedEvent) -> bytes:
@@ -80,8 +89,8 @@ def _event(data: Mapping[str, object], kind: str) -> bytes:
     return ServerSentEvent(orjson.dumps(data).decode(), event=kind).encode()
 
 
-def _reset(replay: Replay, board_id: str | None) -> bytes:
-    data = {"reason": "cursor_expired", "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
+def _reset(replay: Replay[int] | Replay[str], board_id: str | None) -> bytes:
+    data = {"reason": replay.reason, "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
     return _event(data, "reset")
 
 
@@ -102,12 +111,6 @@ def expired_frame() -> bytes:
 
 # A comment line: EventSource ignores it, proxies see the connection is alive.
 HEARTBEAT = ServerSentEvent(comment="ping").encode()
-
-
-def _resume_point(replay: Replay, after: int) -> int:
-    if replay.events:
-        return replay.events[-1].sequence
-    return 0 if replay.expired else after
 
 
 class BoardFeed:
@@ -134,20 +137,19 @@ class BoardFeed:
     def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
         return self._hub.subscribe_board(self._board_id, self._queue)
 
-    async def replay(self) -> list[bytes]:
+    async def replay(self) -> AsyncGenerator[bytes, None]:
         if self._cursor is None:
-            return []
-        valid = _is_sequence(self._cursor)
-        after = int(self._cursor) if valid else 0
-        replay = await self._hub.replay_board(self._board_id, after)
-        frames = []
-        if replay.expired or not valid:
+            return
+        replay = await self._hub.replay_board(self._board_id, parse_board_cursor(self._cursor))
+        # Live events up to where the replay ends are in it: the seam.
+        self._last = replay.until
+        if replay.expired:
             self._metrics.resets.inc()
-            frames.append(_reset(replay, self._board_id))
-        frames += [board_frame(event) for event in replay.events]
-        self._metrics.replayed.inc(len(replay.events))
-        self._last = _resume_point(replay, after)
-        return frames
+            yield _reset(replay, self._board_id)
+        async with contextlib.aclosing(replay.pages) as pages:
+            async for page in pages:
+                self._metrics.replayed.inc(len(page))
+                yield b"".join(board_frame(event) for event in page)
 
     def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
         last = self._last
@@ -186,30 +188,19 @@ class ActivityFeed:
     def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
         return self._hub.subscribe_activity(self._boards, self._queue)
 
-    async def replay(self) -> list[bytes]:
-        cursor, boards = self._cursor, self._boards
-        if cursor is None:
-            return []
-        valid = _is_stream_id(cursor)
-        replay = await self._hub.replay_activity(cursor if valid else "0-0")
-        frames = []
-        if replay.expired or not valid:
+    async def replay(self) -> AsyncGenerator[bytes, None]:
+        if self._cursor is None:
+            return
+        cursor = parse_activity_cursor(self._cursor)
+        replay = await self._hub.replay_activity(cursor, self._boards)
+        self._seam = stream_id_key(replay.until)
+        if replay.expired:
             self._metrics.resets.inc()
-            frames.append(_reset(replay, None))
-        frames += [
-            activity_frame(event)
-            for event in replay.events
-            if boards is None or event.board_id in boards
-        ]
-        self._metrics.replayed.inc(len(replay.events))
-        self._seam = stream_id_key(
-            replay.events[-1].stream_id
-            if replay.events
-            else cursor
-            if valid and not replay.expired
-            else "0-0"
-        )
-        return frames
+            yield _reset(replay, None)
+        async with contextlib.aclosing(replay.pages) as pages:
+            async for page in pages:
+                self._metrics.replayed.inc(len(page))
+                yield b"".join(activity_frame(event) for event in page)
 
     def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
         seam = self._seam
@@ -228,17 +219,3 @@ class ActivityFeed:
 def joined(batch: list[tuple[RelayedEvent, bytes]]) -> bytes:
     """Frames already encoded once per process, written to this stream in one chunk."""
     return batch[0][1] if len(batch) == 1 else b"".join(frame for _event, frame in batch)
-
-
-def _digits(text: str, most: int) -> bool:
-    # ASCII only: "²".isdigit() is true and int("²") raises; and no 5000-digit ints.
-    return 0 < len(text) <= most and text.isascii() and text.isdigit()
-
-
-def _is_sequence(cursor: str) -> bool:
-    return _digits(cursor, 19)
-
-
-def _is_stream_id(cursor: str) -> bool:
-    ms, dash, seq = cursor.partition("-")
-    return _digits(ms, 20) and (not dash or _digits(seq, 20))
