@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import time
 import uuid
@@ -23,7 +22,7 @@ from envelope.auth import (
 )
 from envelope.feed import ActivityHub, RedisActivityStore
 from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
+from envelope.models import is_board_id
 from envelope.security import (
     rate_limit_exceeded,
     shows_browser_marks,
@@ -57,13 +56,13 @@ from ingress_ws.sessions import (
     IngressMetrics,
     IngressRuntime,
     MessageBudget,
+    UnconfirmedBytes,
     render_event_frame,
 )
 from ingress_ws.settings import IngressSettings
 
 log = structlog.get_logger("ingress_ws")
 STATIC = Path(__file__).parent / "static"
-BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
 MAX_CURSOR_DIGITS = 19  # a board sequence fits in 63 bits; longer is not a cursor
@@ -162,6 +161,9 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 presence=presence,
                 budget=budget,
                 metrics=metrics,
+                unconfirmed=UnconfirmedBytes(
+                    settings.websocket_unconfirmed_max_bytes, metrics.unconfirmed_bytes
+                ),
             )
             holder["runtime"] = runtime
             tasks = [
@@ -297,7 +299,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         # The contract closes with codes, which needs an accepted socket; nothing flows before
         # every check below has passed.
         await websocket.accept()
-        if not BOARD_ID.match(board_id):
+        if not is_board_id(board_id):
             await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)

@@ -8,6 +8,9 @@ class IngressSettings(SuiteSettings):
     ingress_port: int = 8004
     websocket_max_connections: int = Field(default=128, ge=1)
     max_payload_bytes: int = Field(default=16_384, ge=1)
+    # Envelope bytes awaiting RabbitMQ's confirm, summed over every socket of the process;
+    # past it frames get `error`/`unavailable` at once. 32 MiB of bodies: ≈ 100 MiB of RSS.
+    websocket_unconfirmed_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     websocket_rate_limit: str = "100/second"
     websocket_rate_limit_strikes: int = Field(default=20, ge=1)
     websocket_send_queue: int = Field(default=1000, ge=1)

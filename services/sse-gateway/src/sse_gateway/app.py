@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
@@ -12,7 +11,7 @@ import structlog
 from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
+from envelope.models import is_board_id
 from envelope.security import rate_limit_exceeded
 from envelope.service import add_operations
 from fastapi import FastAPI, HTTPException, Request
@@ -37,7 +36,6 @@ from sse_gateway.streams import (
 )
 
 log = structlog.get_logger("sse_gateway")
-BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
 async def until_server_exit() -> None:
@@ -155,7 +153,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
 
     async def board_events(request: Request) -> EventStreamResponse:
         board_id: str = request.path_params["board_id"]
-        if not BOARD_ID.fullmatch(board_id):
+        if not is_board_id(board_id):
             raise HTTPException(422, "The board id must be 1-64 of [A-Za-z0-9_.-].")
         principal = authenticate(request)
         if not principal.may_access(board_id):
