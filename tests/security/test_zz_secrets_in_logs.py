@@ -35,7 +35,7 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
             f"{ingress.url}/session",
             headers={"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "192.0.2.240"},
         )
-        cookie = session.cookies["advanced_session"]
+        cookie = session.cookies["__Host-advanced_session"]
         for credential in (TOKEN, jwt_token, wrong):
             for target in (f"{gateway.url}/sse/boards/logs", f"{gateway.url}/sse/activity"):
                 with contextlib.suppress(httpx.HTTPError):
@@ -53,7 +53,10 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
         async with http.stream(
             "GET",
             f"{gateway.url}/sse/boards/other",
-            headers={"Cookie": f"advanced_session={cookie}", "X-Forwarded-For": "192.0.2.243"},
+            headers={
+                "Cookie": f"__Host-advanced_session={cookie}",
+                "X-Forwarded-For": "192.0.2.243",
+            },
         ) as response:
             assert response.status_code in {200, 503}  # a stream (or the cap): leave at once
     # A credential-bearing parameter whose name is percent-encoded (servers decode it, and
@@ -83,7 +86,7 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
             (f"{ingress.ws_url}/ws/boards/logs", {"Authorization": f"Basic {credential}"}),
             (
                 f"{ingress.ws_url}/ws/boards/logs",
-                {"Cookie": f"advanced_session={cookie}", "Origin": "https://app.example"},
+                {"Cookie": f"__Host-advanced_session={cookie}", "Origin": "https://app.example"},
             ),
         ):
             with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):

@@ -276,3 +276,26 @@ def test_any_failure_of_a_publish_is_answered_with_an_error() -> None:
         assert (error["code"], error["correlation_id"]) == ("unavailable", "doomed")
         ws.send_text('{"type":"x","payload":{},"id":"again"}')  # the socket carries on
         assert orjson.loads(ws.receive_text())["correlation_id"] == "again"
+
+
+@pytest.mark.parametrize(
+    ("environment", "name", "secure"),
+    [("test", "__Host-advanced_session", True), ("development", "advanced_session", False)],
+)
+def test_the_session_cookie_is_host_prefixed_when_secure(
+    environment: str, name: str, secure: bool
+) -> None:
+    settings = IngressSettings(
+        _env_file=None, event_transport="memory", realtime_token=TOKEN, environment=environment
+    )
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
+        created = client.post("/session", headers={"Authorization": f"Bearer {TOKEN}"})
+        set_cookie = created.headers["set-cookie"]
+        assert set_cookie.startswith(f"{name}=") and ("Secure" in set_cookie) == secure
+        # Over plain http in development the page keeps working with the cookie.
+        cookie = {"Cookie": f"{name}={created.cookies[name]}", "Origin": "http://localhost"}
+        with board_socket(client, "ws://localhost/ws/boards/cookie", headers=cookie) as ws:
+            ws.send_text('{"type":"x","payload":{}}')
+            assert orjson.loads(ws.receive_text())["kind"] == "ack"
+        ended = client.delete("/session", headers={"Origin": "http://localhost"})
+        assert ended.headers["set-cookie"].startswith(f"{name}=")

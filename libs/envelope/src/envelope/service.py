@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
+import redis.asyncio as redis
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -24,6 +25,22 @@ from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+REDIS_HEALTH_CHECK_SECONDS = 5
+
+
+def redis_client(settings: SuiteSettings) -> redis.Redis:
+    """The Redis client of an edge, with its timeouts set rather than redis-py's defaults
+    (none): a command on a Redis that stopped answering fails after
+    `ADVANCED_REDIS_SOCKET_TIMEOUT_SECONDS`, a connect after `..._CONNECT_TIMEOUT_SECONDS`, and
+    a connection idle past the health-check interval is checked before it is used. The
+    pub/sub feed reads with its own, shorter timeouts, so an idle channel is not an error."""
+    return redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        socket_connect_timeout=settings.redis_connect_timeout_seconds,
+        health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
+    )
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:

@@ -44,6 +44,10 @@ class SuiteSettings(BaseSettings):
     activity_channel: str = "advanced:activity"
     redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
     redis_key_prefix: str = "advanced:"
+    # Set on every Redis client the services build (redis-py's default is no timeout at all:
+    # a Redis that stops answering would hold a command, and whatever waits on it, for ever).
+    redis_socket_timeout_seconds: float = Field(default=10, gt=0)
+    redis_connect_timeout_seconds: float = Field(default=5, gt=0)
     redis_idempotency_ttl_seconds: int = Field(default=300, ge=1)
     replay_retention: int = Field(default=10_000, ge=1)
 

@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from envelope.auth import (
+    HOST_SESSION_COOKIE,
     SESSION_COOKIE,
     Authenticator,
     Credential,
     Unauthorized,
     credential_source,
+    session_cookie_name,
 )
 from envelope.feed import ActivityHub, RedisActivityStore
 from envelope.memory import MemoryTransport
@@ -28,7 +29,7 @@ from envelope.security import (
     shows_browser_marks,
     websocket_origin_allowed,
 )
-from envelope.service import add_operations, keep_trying
+from envelope.service import add_operations, keep_trying, redis_client
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -129,9 +130,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 store = transport.store
                 presence_store, activity = store, store
             else:
-                client = redis.from_url(
-                    settings.redis_url.get_secret_value(), health_check_interval=5
-                )
+                client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
                 publisher = RabbitPublisher(
                     settings.rabbitmq_url.get_secret_value(), settings.topology
@@ -236,6 +235,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if settings.session_cookie_secure is not None
         else settings.environment != "development"
     )
+    cookie_name = session_cookie_name(secure=cookie_secure, domain=settings.session_cookie_domain)
     # The same attributes on set and delete, or browsers keep the old cookie.
     cookie_attributes: dict[str, Any] = {
         "path": "/",
@@ -278,7 +278,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         }
         response = JSONResponse(body, headers={"Cache-Control": "no-store"})
         response.set_cookie(
-            SESSION_COOKIE,
+            cookie_name,
             value,
             max_age=max(int(expires_at - time.time()), 0),
             **cookie_attributes,
@@ -290,7 +290,13 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if not page_origin_allowed(request):
             return refuse(403, "This origin may not end sessions.")
         response = Response(status_code=204, headers={"Cache-Control": "no-store"})
-        response.delete_cookie(SESSION_COOKIE, **cookie_attributes)
+        response.delete_cookie(cookie_name, **cookie_attributes)
+        for other in {SESSION_COOKIE, HOST_SESSION_COOKIE} - {cookie_name}:
+            if other in request.cookies:  # set before a change of settings: end it too
+                secure = cookie_secure or other == HOST_SESSION_COOKIE
+                response.delete_cookie(
+                    other, path="/", secure=secure, httponly=True, samesite="strict"
+                )
         return response
 
     async def board_socket(websocket: WebSocket) -> None:

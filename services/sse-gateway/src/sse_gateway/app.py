@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import redis.asyncio as redis
 import structlog
 from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryTransport
 from envelope.models import is_board_id
 from envelope.security import rate_limit_exceeded
-from envelope.service import add_operations
+from envelope.service import add_operations, redis_client
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -70,9 +69,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             if settings.event_transport == "memory":
                 store = (memory or MemoryTransport()).store
             else:
-                client = redis.from_url(
-                    settings.redis_url.get_secret_value(), health_check_interval=5
-                )
+                client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
                 store = RedisActivityStore(client, settings.redis_keys)
             hub: ActivityHub[bytes] = ActivityHub(
