@@ -45,6 +45,7 @@ from starlette.routing import WebSocketRoute
 
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
+from ingress_ws.admission import HandshakeRate, SocketSlots, credential_key
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, MemoryPublisher, PresenceStore
 from ingress_ws.sessions import (
@@ -117,6 +118,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         default_limits=[settings.rate_limit_default],
     )
     instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    slots = SocketSlots(settings.websocket_max_connections_per_credential)
+    handshakes = HandshakeRate(parse(settings.websocket_handshake_rate_limit))
     holder: dict[str, IngressRuntime] = {}
 
     @contextlib.asynccontextmanager
@@ -308,6 +311,11 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if not is_board_id(board_id):
             await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
+        # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
+        client = websocket.client.host if websocket.client else "unknown"
+        if not await handshakes.allow(client):
+            await websocket.close(CLOSE_TRY_AGAIN, "too many connection attempts: back off")
+            return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
         if not origin_allowed(websocket, credential, settings):
             await websocket.close(CLOSE_FORBIDDEN, "origin not allowed")
@@ -325,8 +333,18 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if runtime.presence.connections >= settings.websocket_max_connections:
             await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
             return
-        cursor = websocket.query_params.get("after") or websocket.query_params.get("last_event_id")
-        await BoardSocket(websocket, board_id, principal, runtime).run(parse_cursor(cursor))
+        assert credential is not None  # authenticate() refused a missing one
+        key = credential_key(principal, credential.value, client)
+        if not slots.take(key):
+            await websocket.close(CLOSE_TRY_AGAIN, "too many sockets for this credential")
+            return
+        try:
+            cursor = websocket.query_params.get("after") or websocket.query_params.get(
+                "last_event_id"
+            )
+            await BoardSocket(websocket, board_id, principal, runtime).run(parse_cursor(cursor))
+        finally:
+            slots.release(key)
 
     # Starlette's route, not FastAPI's: no dependency injection to resolve, and none of its
     # per-request state held for the socket's whole life (≈ 4 KiB per idle socket).

@@ -7,6 +7,10 @@ from pydantic import Field
 class IngressSettings(SuiteSettings):
     ingress_port: int = 8004
     websocket_max_connections: int = Field(default=128, ge=1)
+    # One credential's share of the instance's sockets (a JWT's subject; the shared token per
+    # client address), and WebSocket handshakes per client address: past either, close 1013.
+    websocket_max_connections_per_credential: int = Field(default=32, ge=1)
+    websocket_handshake_rate_limit: str = "60/10 seconds"
     max_payload_bytes: int = Field(default=16_384, ge=1)
     # Envelope bytes awaiting RabbitMQ's confirm, summed over every socket of the process;
     # past it frames get `error`/`unavailable` at once. 32 MiB of bodies: ≈ 100 MiB of RSS.
