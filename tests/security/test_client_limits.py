@@ -102,7 +102,8 @@ async def test_handshakes_past_the_rate_of_an_address_are_refused_with_1013(
             assert not isinstance(accepted, int), (n, accepted)
     async with contextlib.AsyncExitStack() as stack:
         assert await open_socket(stack, url(limited_ingress, "r", TOKEN), flood) == 1013
-        # Refused before the credential is even looked at: a wrong token gets 1013 too.
+        # Refused before the board id and the credential are even looked at.
+        assert await open_socket(stack, url(limited_ingress, "bad%0A", TOKEN), flood) == 1013
         assert await open_socket(stack, url(limited_ingress, "r", "wrong"), flood) == 1013
         assert not isinstance(
             await open_socket(stack, url(limited_ingress, "r", TOKEN), other), int

@@ -308,13 +308,14 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         # The contract closes with codes, which needs an accepted socket; nothing flows before
         # every check below has passed.
         await websocket.accept()
-        if not is_board_id(board_id):
-            await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
-            return
-        # Through uvicorn's trusted-proxy list: X-Forwarded-For counts only from those proxies.
+        # Every handshake counts, refused ones included. Through uvicorn's trusted-proxy list:
+        # X-Forwarded-For counts only from those proxies.
         client = websocket.client.host if websocket.client else "unknown"
         if not await handshakes.allow(client):
             await websocket.close(CLOSE_TRY_AGAIN, "too many connection attempts: back off")
+            return
+        if not is_board_id(board_id):
+            await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
         if not origin_allowed(websocket, credential, settings):
