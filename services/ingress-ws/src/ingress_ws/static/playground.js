@@ -223,12 +223,30 @@ class Playground {
       session = await this.startSession(token);
     } catch (error) {
       if (!(error instanceof SessionRefused)) throw error;
+      const detail = `Stopped: ${error.message}.`;
+      for (const status of [this.wsStatus, this.sseStatus]) {
+        status.show({ state: "refused", lastSequence: 0, detail });
+      }
       this.fail(error.message);
       return;
     }
-    // With a session the cookie carries the credential; the URLs carry no token.
-    const wsToken = session ? null : token;
-    const sseToken = session && cookieReaches(this.gateway) ? null : token;
+    // With a session the cookie carries the credential and the URLs carry no token.
+    const cookie = { ws: session, sse: session && cookieReaches(this.gateway) };
+    const refused = (which, transport) => (message) => {
+      // A browser that did not keep the cookie (storage blocked, an old browser refusing a
+      // Secure cookie over http): the first attempt is refused, so use the token instead.
+      const current = transport();
+      if (current && cookie[which] && !current.everOpened && /\b4?401\b/.test(message)) {
+        cookie[which] = false;
+        this.log.notice(
+          `${which.toUpperCase()}: the session cookie was not sent; using the token in the URL.`,
+          "warning",
+        );
+        current.start();
+        return;
+      }
+      this.fail(message);
+    };
     if (board !== this.board) {
       this.log.clear();
       this.outbox.clear();
@@ -240,9 +258,10 @@ class Playground {
 
     const { reconnect_initial_ms: initial, reconnect_max_ms: max } = this.config;
     this.socket = new SocketTransport(
-      (after) => socketUrl(board, wsToken, after),
+      (after) => socketUrl(board, cookie.ws ? null : token, after),
       new Backoff(initial, max),
       this.handlers("ws", this.wsStatus, {
+        onFatal: refused("ws", () => this.socket),
         onOpen: () => this.flushOutbox(),
         onAck: (ack) => {
           this.outbox.delete(ack.correlation_id);
@@ -259,10 +278,10 @@ class Playground {
       }),
     );
     this.stream = new StreamTransport(
-      (after) => streamUrl(this.gateway, board, sseToken, after),
+      (after) => streamUrl(this.gateway, board, cookie.sse ? null : token, after),
       new Backoff(initial, max),
-      this.handlers("sse", this.sseStatus, {}),
-      { withCredentials: sseToken === null },
+      this.handlers("sse", this.sseStatus, { onFatal: refused("sse", () => this.stream) }),
+      { withCredentials: cookie.sse },
     );
     // Back on the same board (after Leave, or a refused token): resume where each one stopped.
     this.socket.lastSequence = this.cursors.ws;
