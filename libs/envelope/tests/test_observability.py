@@ -34,6 +34,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
         ("GET /x?TOKEN=s3cret;password=p", "GET /x?TOKEN=[redacted];password=[redacted]"),
         ("GET /x?access%5Ftoken=s3cret", "GET /x?access%5Ftoken=[redacted]"),
         ("GET /x?board=b&after=3", "GET /x?board=b&after=3"),
+        # A URL inside another parameter's value is searched too.
+        ("GET /x?next=/cb?token=s3cret&a=1", "GET /x?next=/cb?token=[redacted]&a=1"),
+        ("url=http://h/p?%74oken=s3cret", "url=http://h/p?%74oken=[redacted]"),
+        ('"GET /x?token=ab==cd" 200', '"GET /x?token=[redacted]" 200'),
         # A URL password with an empty user, the form Redis URLs take.
         ("rediss://:s3cret@redis:6380/0", "rediss://:[redacted]@redis:6380/0"),
         ("redis://default:s3cret@redis/0", "redis://default:[redacted]@redis/0"),

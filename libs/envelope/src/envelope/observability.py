@@ -50,7 +50,10 @@ CREDENTIAL_PARAMETERS = frozenset(
         "__host-advanced_session",
     }
 )
-_PARAMETER = re.compile(r"(?P<name>[^\s?&;=\"'<>,]+)=(?P<value>[^&;\s\"'<>]*)")
+# A parameter's name (what precedes `=`), and where a value ends. Names are matched alone, so
+# a URL inside another parameter's value (`next=/cb?token=…`) is searched too.
+_PARAMETER_NAME = re.compile(r"([^\s?&;=\"'<>,/]+)=")
+_VALUE_END = re.compile(r"[&;\s\"'<>]|$")
 _SECRET_IN_TEXT = re.compile(
     r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"
     # A URL's password, also with an empty user name (`rediss://:secret@host`).
@@ -77,18 +80,27 @@ def redact(text: str) -> str:
     """Hide credentials in free text: credential parameters (by decoded name), bearer tokens,
     URL passwords, authorization and cookie header lines."""
 
-    def _hide_parameter(match: re.Match[str]) -> str:
-        if _decoded_name(match["name"]) in CREDENTIAL_PARAMETERS:
-            return f"{match['name']}=[redacted]"
-        return match[0]
-
     def _hide(match: re.Match[str]) -> str:
         prefix = next(group for group in match.groups() if group is not None)
         return f"{prefix}[redacted]" + ("@" if prefix.startswith("//") else "")
 
     if "=" in text:
-        text = _PARAMETER.sub(_hide_parameter, text)
+        text = _hide_parameters(text)
     return _SECRET_IN_TEXT.sub(_hide, text)
+
+
+def _hide_parameters(text: str) -> str:
+    kept: list[str] = []
+    position = 0
+    for match in _PARAMETER_NAME.finditer(text):
+        if match.start() < position:  # inside a value already hidden
+            continue
+        if _decoded_name(match[1]) in CREDENTIAL_PARAMETERS:
+            end = _VALUE_END.search(text, match.end())
+            kept += [text[position : match.end()], "[redacted]"]
+            position = end.start() if end is not None else len(text)
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def _redact_event(
