@@ -21,6 +21,10 @@ _addresses = itertools.count(1)
 
 INGRESS_LIMITS = {
     "ADVANCED_WEBSOCKET_MAX_CONNECTIONS": "30",
+    # Every test here connects from 127.0.0.1 with the same token: the per-credential and
+    # handshake limits have a service of their own (test_client_limits.py).
+    "ADVANCED_WEBSOCKET_MAX_CONNECTIONS_PER_CREDENTIAL": "1000",
+    "ADVANCED_WEBSOCKET_HANDSHAKE_RATE_LIMIT": "100000/second",
     "ADVANCED_WEBSOCKET_RATE_LIMIT": "300/second",
     "ADVANCED_WEBSOCKET_RATE_LIMIT_STRIKES": "5",
     # The fuzzer sends resume frames among its hostile frames; their own budget is tested in
@@ -71,6 +75,8 @@ def untrusting_ingress() -> Iterator[Service]:
         ADVANCED_WEBSOCKET_PING_INTERVAL_SECONDS="60",
         ADVANCED_WEBSOCKET_PING_TIMEOUT_SECONDS="60",
         ADVANCED_MAX_PAYLOAD_BYTES="16384",
+        ADVANCED_WEBSOCKET_MAX_CONNECTIONS_PER_CREDENTIAL="1000",
+        ADVANCED_WEBSOCKET_HANDSHAKE_RATE_LIMIT="100000/second",
     )
     with running("ingress", "security-untrusting-ingress", env) as service:
         yield service

@@ -27,7 +27,9 @@ async def test_an_unhandled_error_is_a_bare_500_with_the_security_headers(which:
     )
     app.add_api_route("/boom", boom)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://localhost"
+    ) as http:  # development: localhost names only
         response = await http.get("/boom")
     assert response.status_code == 500
     assert response.text == "Internal Server Error"  # no traceback, no detail

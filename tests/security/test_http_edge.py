@@ -269,27 +269,31 @@ async def test_session_cookie_is_http_only_and_opens_the_sse_stream(
     assert foreign.status_code == 403
     assert created.status_code == 200 and created.json()["boards"] == "*"
     set_cookie = created.headers["set-cookie"]
+    assert set_cookie.startswith("__Host-advanced_session="), set_cookie
     for attribute in ("HttpOnly", "Secure", "SameSite=strict", "Path=/"):
         assert attribute.lower() in set_cookie.lower(), set_cookie
-    value = created.cookies["advanced_session"]
+    value = created.cookies["__Host-advanced_session"]
     assert TOKEN not in set_cookie and TOKEN not in created.text
     assert created.headers["cache-control"] == "no-store"
     assert scoped.json()["boards"] == ["mine"]
-    scoped_value = scoped.cookies["advanced_session"]
+    scoped_value = scoped.cookies["__Host-advanced_session"]
 
-    cookie = {"Cookie": f"advanced_session={value}", "X-Forwarded-For": "192.0.2.90"}
+    cookie = {"Cookie": f"__Host-advanced_session={value}", "X-Forwarded-For": "192.0.2.90"}
     async with sse(f"{gateway.url}/sse/boards/any-board", headers=cookie) as stream:
         await asyncio.sleep(1.5)  # heartbeats every second on this gateway
         assert stream.comments >= 1 or not stream.events.empty()
     async with httpx.AsyncClient(timeout=10) as http:
         denied = await http.get(
             f"{gateway.url}/sse/boards/other",
-            headers={"Cookie": f"advanced_session={scoped_value}", "X-Forwarded-For": "192.0.2.91"},
+            headers={
+                "Cookie": f"__Host-advanced_session={scoped_value}",
+                "X-Forwarded-For": "192.0.2.91",
+            },
         )
         forged = await http.get(
             f"{gateway.url}/sse/boards/any",
             headers={
-                "Cookie": f"advanced_session={value[:-4]}AAAA",
+                "Cookie": f"__Host-advanced_session={value[:-4]}AAAA",
                 "X-Forwarded-For": "192.0.2.92",
             },
         )

@@ -116,7 +116,7 @@ async def test_a_cookie_credential_needs_an_allowed_origin(ingress: Service) -> 
         f"{ingress.url}/session",
         headers={"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "192.0.2.150"},
     )
-    cookie = f"advanced_session={created.cookies['advanced_session']}"
+    cookie = f"__Host-advanced_session={created.cookies['__Host-advanced_session']}"
     url = f"{ingress.ws_url}/ws/boards/cookie"
     assert await stays_open(
         url, additional_headers={"Cookie": cookie, "Origin": "https://app.example"}

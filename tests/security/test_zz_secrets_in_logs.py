@@ -22,6 +22,8 @@ from support.processes import LOG_DIR, Service
 pytestmark = [pytest.mark.e2e]
 
 # Any JWT or session value: base64url JSON header and claims, then a signature.
+# A password in a URL with an empty user name, as Redis URLs carry it.
+URL_PASSWORD = "url-password-" + "for-edge-tests"
 A_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}")
 
 
@@ -33,7 +35,7 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
             f"{ingress.url}/session",
             headers={"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "192.0.2.240"},
         )
-        cookie = session.cookies["advanced_session"]
+        cookie = session.cookies["__Host-advanced_session"]
         for credential in (TOKEN, jwt_token, wrong):
             for target in (f"{gateway.url}/sse/boards/logs", f"{gateway.url}/sse/activity"):
                 with contextlib.suppress(httpx.HTTPError):
@@ -51,9 +53,32 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
         async with http.stream(
             "GET",
             f"{gateway.url}/sse/boards/other",
-            headers={"Cookie": f"advanced_session={cookie}", "X-Forwarded-For": "192.0.2.243"},
+            headers={
+                "Cookie": f"__Host-advanced_session={cookie}",
+                "X-Forwarded-For": "192.0.2.243",
+            },
         ) as response:
             assert response.status_code in {200, 503}  # a stream (or the cap): leave at once
+    # A credential-bearing parameter whose name is percent-encoded (servers decode it, and
+    # authenticate with it), and a URL password with an empty user name, in a query string.
+    async with httpx.AsyncClient(timeout=10) as http:
+        for query in (
+            f"?%74oken={TOKEN}",
+            f"?%2574oken={TOKEN}",
+            f"?next=rediss://:{URL_PASSWORD}@h",
+        ):
+            with contextlib.suppress(httpx.HTTPError):
+                async with http.stream(
+                    "GET",
+                    f"{gateway.url}/sse/boards/logs{query}",
+                    headers={"X-Forwarded-For": "192.0.2.244"},
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+            with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
+                async with websockets.connect(f"{ingress.ws_url}/ws/boards/logs{query}") as ws:
+                    await ws.send('{"type":"log.probe","payload":{}}')
+                    await asyncio.wait_for(ws.recv(), 5)
     for credential in (TOKEN, jwt_token, wrong):
         for url, headers in (
             (f"{ingress.ws_url}/ws/boards/logs?token={credential}", {}),
@@ -61,7 +86,7 @@ async def exercise_every_credential_path(ingress: Service, gateway: Service) -> 
             (f"{ingress.ws_url}/ws/boards/logs", {"Authorization": f"Basic {credential}"}),
             (
                 f"{ingress.ws_url}/ws/boards/logs",
-                {"Cookie": f"advanced_session={cookie}", "Origin": "https://app.example"},
+                {"Cookie": f"__Host-advanced_session={cookie}", "Origin": "https://app.example"},
             ),
         ):
             with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
@@ -77,7 +102,7 @@ async def test_no_credential_reaches_a_log_line_or_a_metric(
     issued = await exercise_every_credential_path(ingress, gateway)
     await asyncio.sleep(0.5)  # the services write their last lines
 
-    secrets = [TOKEN, JWT_SECRET, E2E_TOKEN, *issued]
+    secrets = [TOKEN, JWT_SECRET, E2E_TOKEN, URL_PASSWORD, *issued]
     logs = sorted(LOG_DIR.glob("*.log"))
     assert ingress.log_path in logs and gateway.log_path in logs
     hits: list[str] = []

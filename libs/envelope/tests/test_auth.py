@@ -13,12 +13,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from envelope import auth
 from envelope.auth import (
+    HOST_SESSION_COOKIE,
     SESSION_COOKIE,
     Authenticator,
     Principal,
     Unauthorized,
     credential_from,
     credential_source,
+    session_cookie_name,
 )
 from envelope.settings import SuiteSettings
 
@@ -131,6 +133,22 @@ def test_exp_is_required_and_enforced() -> None:
     no_exp = jwt.encode({"sub": "x", "boards": ["a"]}, SECRET, algorithm="HS256")
     with pytest.raises(Unauthorized):
         authenticator.authenticate(no_exp)
+
+
+@pytest.mark.parametrize("exp", [1e300, 2**70, 10**400, 253_402_300_800])
+def test_an_absurd_exp_is_refused_not_overflowed(exp: float) -> None:
+    # Past year 9999: no timer, datetime or cookie Max-Age can take it (10**400 overflowed
+    # float() outside the error handling; 1e300 was accepted and overflowed later).
+    authenticator = Authenticator(settings(auth_jwt_secret=SECRET))
+    token = jwt.encode({**claims(["a"]), "exp": exp}, SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="'exp'"):
+        authenticator.authenticate(token)
+    session_key = hmac.new(TOKEN.encode(), b"advanced-session-v1", hashlib.sha256).digest()
+    session = jwt.encode(
+        {**claims(["*"]), "aud": "advanced-session", "exp": exp}, session_key, algorithm="HS256"
+    )
+    with pytest.raises(Unauthorized, match="'exp'"):
+        authenticator.authenticate(session)
 
 
 def test_a_jwt_signed_with_another_secret_or_alg_none_is_refused() -> None:
@@ -270,6 +288,15 @@ def test_credential_sources_in_order() -> None:
         "c", "cookie"
     )
     assert credential_source({}, {"authorization": "Bearer "}, {}) is None
+    # Both cookie names are read; the __Host- one wins.
+    both = {SESSION_COOKIE: "plain", HOST_SESSION_COOKIE: "host"}
+    assert credential_source({}, {}, both) == auth.Credential("host", "cookie")
+
+
+def test_the_session_cookie_takes_the_host_prefix_whenever_it_can() -> None:
+    assert session_cookie_name(secure=True, domain=None) == "__Host-advanced_session"
+    assert session_cookie_name(secure=False, domain=None) == "advanced_session"  # http dev
+    assert session_cookie_name(secure=True, domain="example.com") == "advanced_session"
     assert credential_from({}, {}, {}) is None
 
 

@@ -13,7 +13,9 @@ from envelope.models import (
     BoardMessage,
     EventFrame,
     ResumeRequest,
+    is_board_id,
 )
+from pydantic import ValidationError
 
 
 def envelope(**changes: object) -> BoardEventEnvelope:
@@ -127,3 +129,30 @@ def test_the_event_frame_is_the_event_plus_kind_and_connections() -> None:
 def test_relay_frames_round_trip() -> None:
     relayed = RelayedEvent("1700000000000-3", "board.x_1", 9, b'{"sequence":9}')
     assert RelayedEvent.from_frame(relayed.to_frame()) == relayed
+
+
+@pytest.mark.parametrize(
+    "text", ["x\n", "x\r", "\nx", "x\x00", "x²", "é", "٣", "", "x" * 65, "a b", "a/b"]
+)
+def test_is_board_id_refuses_what_the_contract_refuses(text: str) -> None:
+    # `re.match` with `$` would accept the first: a trailing newline.
+    assert not is_board_id(text)
+    with pytest.raises(ValidationError):  # and the worker's model refuses the same
+        envelope(board_id=text)
+
+
+@pytest.mark.parametrize("text", ["a", "Az09_.-", "a..b", "y" * 64])
+def test_is_board_id_accepts_the_contract_alphabet(text: str) -> None:
+    assert is_board_id(text)
+
+
+@pytest.mark.parametrize("depth", [252, 253, 254, 255])
+def test_a_payload_is_accepted_only_as_deep_as_the_envelope_can_carry_it(depth: int) -> None:
+    frame = '{"type":"x","payload":' + '{"a":' * depth + "1" + "}" * depth + "}"
+    if depth > codec.MAX_PAYLOAD_DEPTH:
+        with pytest.raises(InvalidFrame, match="nested too deeply"):
+            codec.decode_client_frame(frame, 100_000)
+        return
+    message = codec.decode_client_frame(frame, 100_000)
+    assert isinstance(message, BoardMessage)
+    codec.dumps(envelope(payload=message.payload))  # the ingress can publish what it accepted

@@ -25,6 +25,22 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
         ("< authorization: Bearer abc.def-ghi", "< authorization: [redacted]"),
         ("amqp://guest:hunter2@rabbit:5672/", "amqp://guest:[redacted]@rabbit:5672/"),
         ("nothing secret here", "nothing secret here"),
+        # The name as the server decodes it: percent-encoded, double-encoded, any case.
+        (
+            "GET /ws/boards/b?%74oken=s3cret HTTP/1.1",
+            "GET /ws/boards/b?%74oken=[redacted] HTTP/1.1",
+        ),
+        ("GET /x?a=1&%2574oken=s3cret", "GET /x?a=1&%2574oken=[redacted]"),
+        ("GET /x?TOKEN=s3cret;password=p", "GET /x?TOKEN=[redacted];password=[redacted]"),
+        ("GET /x?access%5Ftoken=s3cret", "GET /x?access%5Ftoken=[redacted]"),
+        ("GET /x?board=b&after=3", "GET /x?board=b&after=3"),
+        # A URL inside another parameter's value is searched too.
+        ("GET /x?next=/cb?token=s3cret&a=1", "GET /x?next=/cb?token=[redacted]&a=1"),
+        ("url=http://h/p?%74oken=s3cret", "url=http://h/p?%74oken=[redacted]"),
+        ('"GET /x?token=ab==cd" 200', '"GET /x?token=[redacted]" 200'),
+        # A URL password with an empty user, the form Redis URLs take.
+        ("rediss://:s3cret@redis:6380/0", "rediss://:[redacted]@redis:6380/0"),
+        ("redis://default:s3cret@redis/0", "redis://default:[redacted]@redis/0"),
     ],
 )
 def test_credentials_are_redacted_from_free_text(text: str, expected: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from envelope.codec import decode_envelope
-from envelope.memory import MemoryTransport
+from envelope.memory import MemoryBroker, MemoryTransport
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
 from starlette.testclient import TestClient, WebSocketTestSession
@@ -195,3 +197,105 @@ def test_probes_and_page_need_no_credential(client: TestClient) -> None:
     assert "content-security-policy" in page.headers
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "advanced_board_events_published_total" in metrics.text
+
+
+class UnconfirmingBroker(MemoryBroker):
+    """The in-memory broker as RabbitMQ is when it stops confirming: publishes wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirming = threading.Event()
+
+    async def publish(self, body: bytes, headers: dict[str, str | int] | None = None) -> None:
+        while not self.confirming.is_set():
+            await asyncio.sleep(0.01)
+        await super().publish(body, headers)
+
+
+def test_unconfirmed_bytes_are_bounded_per_process_and_refused_at_once() -> None:
+    broker = UnconfirmingBroker()
+    settings = IngressSettings(
+        _env_file=None,
+        event_transport="memory",
+        realtime_token=TOKEN,
+        environment="test",
+        websocket_rate_limit="1000/second",
+        websocket_unconfirmed_max_bytes=4096,  # room for a few ≈ 1 KiB envelopes, not ten
+    )
+    app = create_app(settings, memory=MemoryTransport(broker=broker))
+    frame = (
+        '{"type":"x","payload":{"t":"' + "y" * 600 + '"},"id":"u-0"}'
+    )  # 852-byte envelopes: four fit
+
+    def held(client: TestClient) -> float:
+        text = client.get("/metrics").text
+        return float(
+            re.search(r"^advanced_websocket_unconfirmed_bytes (\S+)$", text, re.M).group(1)
+        )  # type: ignore[union-attr]
+
+    with (
+        TestClient(app) as client,
+        board_socket(client, f"/ws/boards/one?token={TOKEN}") as first,
+        board_socket(client, f"/ws/boards/two?token={TOKEN}") as second,
+    ):
+        for n in range(4):
+            first.send_text(frame.replace("u-0", f"held-{n}"))
+        deadline = time.monotonic() + 5
+        while held(client) < 4 * 800:
+            assert time.monotonic() < deadline, "the four publishes were not held"
+            time.sleep(0.01)
+        # Another socket of the process: refused at once, while the four still wait.
+        for n in range(3):
+            second.send_text(frame.replace("u-0", f"refused-{n}"))
+        refused = [orjson.loads(second.receive_text()) for _ in range(3)]
+        assert [r["code"] for r in refused] == ["unavailable"] * 3
+        assert held(client) <= 4096
+        broker.confirming.set()
+        acks = [orjson.loads(first.receive_text()) for _ in range(4)]
+        assert {a["kind"] for a in acks} == {"ack"}
+        second.send_text(frame.replace("u-0", "after"))  # room again once confirmed
+        assert orjson.loads(second.receive_text())["kind"] == "ack"
+    assert broker.queue.qsize() == 5
+
+
+class FailingBroker(MemoryBroker):
+    """A publish that fails in a way nobody foresaw (neither a refusal nor a lost link)."""
+
+    async def publish(self, body: bytes, headers: dict[str, str | int] | None = None) -> None:
+        raise RuntimeError("an unforeseen failure inside the publish")
+
+
+def test_any_failure_of_a_publish_is_answered_with_an_error() -> None:
+    settings = IngressSettings(
+        _env_file=None, event_transport="memory", realtime_token=TOKEN, environment="test"
+    )
+    app = create_app(settings, memory=MemoryTransport(broker=FailingBroker()))
+    with TestClient(app) as client, board_socket(client, f"/ws/boards/x?token={TOKEN}") as ws:
+        ws.send_text('{"type":"x","payload":{},"id":"doomed"}')
+        error = orjson.loads(ws.receive_text())
+        assert (error["code"], error["correlation_id"]) == ("unavailable", "doomed")
+        ws.send_text('{"type":"x","payload":{},"id":"again"}')  # the socket carries on
+        assert orjson.loads(ws.receive_text())["correlation_id"] == "again"
+
+
+@pytest.mark.parametrize(
+    ("environment", "name", "secure"),
+    [("test", "__Host-advanced_session", True), ("development", "advanced_session", False)],
+)
+def test_the_session_cookie_is_host_prefixed_when_secure(
+    environment: str, name: str, secure: bool
+) -> None:
+    settings = IngressSettings(
+        _env_file=None, event_transport="memory", realtime_token=TOKEN, environment=environment
+    )
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
+        created = client.post("/session", headers={"Authorization": f"Bearer {TOKEN}"})
+        set_cookie = created.headers["set-cookie"]
+        assert set_cookie.startswith(f"{name}=") and ("Secure" in set_cookie) == secure
+        # Over plain http in development the page keeps working with the cookie.
+        cookie = {"Cookie": f"{name}={created.cookies[name]}", "Origin": "http://localhost"}
+        with board_socket(client, "ws://localhost/ws/boards/cookie", headers=cookie) as ws:
+            ws.send_text('{"type":"x","payload":{}}')
+            assert orjson.loads(ws.receive_text())["kind"] == "ack"
+        ended = client.delete("/session", headers={"Origin": "http://localhost"})
+        assert ended.headers["set-cookie"].startswith(f"{name}=")

@@ -9,7 +9,7 @@ from dev_suite.__main__ import create_suite
 
 async def config_of(app: object) -> dict[str, object]:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://dev") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         response = await client.get("/playground/config.json")
     assert response.status_code == 200
     body: dict[str, object] = response.json()

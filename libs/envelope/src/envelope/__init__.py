@@ -23,6 +23,7 @@ from envelope.models import (
     EventFrame,
     ResetFrame,
     ResumeRequest,
+    is_board_id,
 )
 from envelope.settings import SuiteSettings
 from envelope.topology import RedisKeys, Topology
@@ -52,5 +53,6 @@ __all__ = [
     "decode_envelope",
     "dumps",
     "event_frame",
+    "is_board_id",
     "with_sequence",
 ]

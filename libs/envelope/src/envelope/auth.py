@@ -1,7 +1,7 @@
 """Credential checks shared by the ingress and the gateway (the contract's section 2).
 
 Three kinds of credential are accepted, wherever they come from (`?token=`, `Authorization:
-Bearer`, or the `advanced_session` cookie):
+Bearer`, or the session cookie, `__Host-advanced_session` or `advanced_session`):
 
 - the shared `ADVANCED_REALTIME_TOKEN`, compared in constant time (digests of equal length, so
   not even the token's length leaks);
@@ -27,6 +27,17 @@ import jwt
 from envelope.settings import SuiteSettings
 
 SESSION_COOKIE = "advanced_session"
+# With the `__Host-` prefix a browser takes the cookie only when it is Secure, has Path=/ and
+# no Domain, so neither a sibling subdomain nor a plain-http page can plant or shadow it.
+HOST_SESSION_COOKIE = "__Host-" + SESSION_COOKIE
+
+
+def session_cookie_name(*, secure: bool, domain: str | None) -> str:
+    """The session cookie's name: `__Host-` prefixed whenever its attributes allow it (Secure,
+    no Domain); the plain name for development over http and for a cookie shared by Domain."""
+    return HOST_SESSION_COOKIE if secure and domain is None else SESSION_COOKIE
+
+
 SESSION_AUDIENCE = "advanced-session"
 _SESSION_KEY_LABEL = b"advanced-session-v1"
 
@@ -64,13 +75,14 @@ class Credential:
 def credential_source(
     query: Mapping[str, str], headers: Mapping[str, str], cookies: Mapping[str, str]
 ) -> Credential | None:
-    """The credential from `?token=`, `Authorization: Bearer` or the session cookie, in order."""
+    """The credential from `?token=`, `Authorization: Bearer` or the session cookie (either
+    name), in order."""
     if token := query.get("token"):
         return Credential(token, "query")
     scheme, _, value = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return Credential(value.strip(), "bearer")
-    if cookie := cookies.get(SESSION_COOKIE):
+    if cookie := cookies.get(HOST_SESSION_COOKIE) or cookies.get(SESSION_COOKIE):
         return Credential(cookie, "cookie")
     return None
 
@@ -141,7 +153,7 @@ class Authenticator:
         return Principal(
             subject=str(claims.get("sub", "jwt")),
             boards=_boards_claim(claims),
-            expires_at=float(claims["exp"]),
+            expires_at=_expiry(claims),
             kind="jwt",
         )
 
@@ -185,9 +197,24 @@ class Authenticator:
         return Principal(
             subject=str(claims.get("sub", "session")),
             boards=_boards_claim(claims),
-            expires_at=float(claims["exp"]),
+            expires_at=_expiry(claims),
             kind="session",
         )
+
+
+LATEST_EXPIRY = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last second datetime can hold
+
+
+def _expiry(claims: Mapping[str, Any]) -> float:
+    """`exp` as a timestamp a timer and a cookie can take: PyJWT checks only that it is past
+    now, so 2**70 or 1e300 would pass it and overflow later (float(), a timer, `max_age`)."""
+    try:
+        expires_at = float(claims["exp"])
+    except (OverflowError, TypeError, ValueError):
+        raise Unauthorized("The token's 'exp' claim is not a valid time.") from None
+    if not expires_at <= LATEST_EXPIRY:  # also NaN
+        raise Unauthorized("The token's 'exp' claim is not a valid time.")
+    return expires_at
 
 
 def _boards_claim(claims: Mapping[str, Any]) -> frozenset[str] | None:

@@ -20,6 +20,9 @@ from envelope.models import (
 )
 
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+MAX_PAYLOAD_DEPTH = 253
+"""Levels of nesting a payload may have, its own object included: orjson writes 254, and the
+envelope carries the payload one level down."""
 
 
 class MalformedEnvelope(ValueError):
@@ -81,13 +84,17 @@ def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessag
             "invalid_message", f"Field '{where}': {first['msg']}.", client_id
         ) from None
     try:
-        serialised = orjson.dumps(message.payload)
+        # Serialised one level down, as the envelope and the event carry it: orjson reads 1024
+        # levels of nesting but writes only 254, and a payload that fits alone but not inside
+        # the envelope would be accepted here and then fail to publish.
+        wrapped = orjson.dumps({"payload": message.payload})
     except orjson.JSONEncodeError:
-        # orjson reads 1024 levels of nesting but writes only 254: refuse what we cannot store.
         raise InvalidFrame(
-            "invalid_message", "The payload is nested too deeply (254 levels at most).", client_id
+            "invalid_message",
+            f"The payload is nested too deeply ({MAX_PAYLOAD_DEPTH} levels at most).",
+            client_id,
         ) from None
-    if len(serialised) > max_payload_bytes:
+    if len(wrapped) - len(b'{"payload":}') > max_payload_bytes:
         raise InvalidFrame(
             "payload_too_large",
             f"The payload is larger than {max_payload_bytes} bytes once serialised.",

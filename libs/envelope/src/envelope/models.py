@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -12,6 +13,8 @@ SCHEMA_VERSION = "1"
 """The envelope's major version. Readers accept any `1` or `1.x`, refuse other majors."""
 
 BOARD_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""For JSON Schema and pydantic (whose `$` is the end of the text). In Python, use `is_board_id`:
+`re.match` with `$` also accepts a trailing newline."""
 EVENT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -22,6 +25,15 @@ EventType = Annotated[
 CorrelationId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
 EPOCH_PATTERN = r"^[0-9]{1,20}$"
 Epoch = Annotated[str, StringConstraints(pattern=EPOCH_PATTERN)]
+
+
+_BOARD_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
+def is_board_id(text: str) -> bool:
+    """The one board-id rule every edge, the worker's models and the probe apply: 1 to 64 of
+    `[A-Za-z0-9_.-]`, the whole text (no trailing newline, no Unicode digits or letters)."""
+    return _BOARD_ID.fullmatch(text) is not None
 
 
 def utcnow() -> datetime:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import orjson
 import structlog
@@ -27,10 +28,36 @@ from envelope.settings import SuiteSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+# Query and form parameters that carry a credential, by their DECODED name (lower case): a
+# server decodes `%74oken` to `token` and authenticates with it, so the redaction must too.
+CREDENTIAL_PARAMETERS = frozenset(
+    {
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "jwt",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "api_key",
+        "apikey",
+        "auth",
+        "authorization",
+        "session",
+        "advanced_session",
+        "__host-advanced_session",
+    }
+)
+# A parameter's name (what precedes `=`), and where a value ends. Names are matched alone, so
+# a URL inside another parameter's value (`next=/cb?token=…`) is searched too.
+_PARAMETER_NAME = re.compile(r"([^\s?&;=\"'<>,/]+)=")
+_VALUE_END = re.compile(r"[&;\s\"'<>]|$")
 _SECRET_IN_TEXT = re.compile(
-    r"((?:token|access_token|password|advanced_session)=)[^&\s\"']+"
-    r"|(Bearer\s+)[A-Za-z0-9._~+/=-]+"
-    r"|(//[^:/@\s]+:)[^@\s]+@"
+    r"(Bearer\s+)[A-Za-z0-9._~+/=-]+"
+    # A URL's password, also with an empty user name (`rediss://:secret@host`).
+    r"|(//[^:/@\s]*:)[^@\s]+@"
     # Header lines as the websockets library logs them at debug level ("< cookie: ...").
     r"|((?:^|<\s)(?:proxy-)?(?:authorization|cookie):\s*)[^\r\n]+",
     re.IGNORECASE | re.MULTILINE,
@@ -39,14 +66,41 @@ _SECRET_IN_TEXT = re.compile(
 tracer = trace.get_tracer("envelope")
 
 
+def _decoded_name(name: str) -> str:
+    # Decoded until it stops changing, so `%2574oken` is caught as well as `%74oken`.
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower()
+
+
 def redact(text: str) -> str:
-    """Hide credentials in free text: query tokens, bearer tokens, URL passwords."""
+    """Hide credentials in free text: credential parameters (by decoded name), bearer tokens,
+    URL passwords, authorization and cookie header lines."""
 
     def _hide(match: re.Match[str]) -> str:
-        prefix = next(group for group in match.groups() if group)
+        prefix = next(group for group in match.groups() if group is not None)
         return f"{prefix}[redacted]" + ("@" if prefix.startswith("//") else "")
 
+    if "=" in text:
+        text = _hide_parameters(text)
     return _SECRET_IN_TEXT.sub(_hide, text)
+
+
+def _hide_parameters(text: str) -> str:
+    kept: list[str] = []
+    position = 0
+    for match in _PARAMETER_NAME.finditer(text):
+        if match.start() < position:  # inside a value already hidden
+            continue
+        if _decoded_name(match[1]) in CREDENTIAL_PARAMETERS:
+            end = _VALUE_END.search(text, match.end())
+            kept += [text[position : match.end()], "[redacted]"]
+            position = end.start() if end is not None else len(text)
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def _redact_event(

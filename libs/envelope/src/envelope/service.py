@@ -13,17 +13,36 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
+import redis.asyncio as redis
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from envelope.observability import instrument_app
 from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+REDIS_HEALTH_CHECK_SECONDS = 5
+
+
+def redis_client(settings: SuiteSettings) -> redis.Redis:
+    """The Redis client of an edge, with its timeouts set rather than redis-py's defaults
+    (none): a command on a Redis that stopped answering fails after
+    `ADVANCED_REDIS_SOCKET_TIMEOUT_SECONDS`, a connect after `..._CONNECT_TIMEOUT_SECONDS`, and
+    a connection idle past the health-check interval is checked before it is used. The
+    pub/sub feed reads with its own, shorter timeouts, so an idle channel is not an error."""
+    return redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        socket_connect_timeout=settings.redis_connect_timeout_seconds,
+        health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
+    )
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:
@@ -50,6 +69,9 @@ def add_operations(
     `exempt` marks the probe routes as free of rate limits (slowapi's `Limiter.exempt`).
     """
     probes = {"/healthz", "/readyz", settings.metrics_path}
+    # The Host allowlist; probes and metrics stay open to any Host, since the kubelet and
+    # Prometheus address a pod by its IP.
+    app.add_middleware(HostAllowlistMiddleware, allowed_hosts=settings.trusted_hosts, exempt=probes)
     Instrumentator(
         excluded_handlers=[*probes],
         registry=registry,
@@ -79,6 +101,22 @@ def add_operations(
         if not settings.telemetry_enabled:
             return PlainTextResponse("telemetry disabled", status_code=503)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class HostAllowlistMiddleware:
+    """Starlette's `TrustedHostMiddleware` (HTTP and WebSocket handshakes get 400 for a Host
+    not listed), except on the `exempt` paths."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], exempt: set[str]) -> None:
+        self.app = app
+        self.checked = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts, www_redirect=False)
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in self.exempt:
+            await self.checked(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 Drain = Callable[[], Awaitable[None]]

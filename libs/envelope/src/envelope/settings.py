@@ -17,6 +17,9 @@ DEFAULT_CSP = (
     "form-action 'self'; object-src 'none'"
 )
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_HOST_PATTERN = re.compile(r"(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]", re.ASCII)
+
 # An origin as browsers send it: scheme, host, optional port; no path, no userinfo, no "null".
 _ORIGIN = re.compile(
     r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
@@ -44,6 +47,10 @@ class SuiteSettings(BaseSettings):
     activity_channel: str = "advanced:activity"
     redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
     redis_key_prefix: str = "advanced:"
+    # Set on every Redis client the services build (redis-py's default is no timeout at all:
+    # a Redis that stops answering would hold a command, and whatever waits on it, for ever).
+    redis_socket_timeout_seconds: float = Field(default=10, gt=0)
+    redis_connect_timeout_seconds: float = Field(default=5, gt=0)
     redis_idempotency_ttl_seconds: int = Field(default=300, ge=1)
     replay_retention: int = Field(default=10_000, ge=1)
 
@@ -61,6 +68,10 @@ class SuiteSettings(BaseSettings):
         "http://127.0.0.1:3000",
         "http://localhost:5173",
     ]
+    # Host names (Host header, port aside) the services answer; `*.example.com` for a domain's
+    # subdomains. Unset: localhost, 127.0.0.1 and [::1] in development (a DNS-rebinding page
+    # then cannot reach a local suite running with the default token), any host otherwise.
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     rate_limit_default: str = "120/minute"
     telemetry_enabled: bool = True
     metrics_path: str = "/metrics"
@@ -76,6 +87,31 @@ class SuiteSettings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str] | None) -> list[str] | None:
+        for host in value or []:
+            if host != "*" and not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(
+                    f"ADVANCED_ALLOWED_HOSTS entry {host!r} is not a host name: write names "
+                    "like app.example.com, *.example.com, 127.0.0.1 or [::1], without a port."
+                )
+        return value
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        """The Host allowlist in force (see `allowed_hosts`)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return list(LOCAL_HOSTS) if self.environment == "development" else ["*"]
 
     @model_validator(mode="after")
     def _enforce_safe_defaults(self) -> Self:

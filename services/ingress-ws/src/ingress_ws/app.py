@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import time
 import uuid
@@ -12,24 +11,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from envelope.auth import (
+    HOST_SESSION_COOKIE,
     SESSION_COOKIE,
     Authenticator,
     Credential,
     Unauthorized,
     credential_source,
+    session_cookie_name,
 )
 from envelope.feed import ActivityHub, RedisActivityStore
 from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
+from envelope.models import is_board_id
 from envelope.security import (
     rate_limit_exceeded,
     shows_browser_marks,
     websocket_origin_allowed,
 )
-from envelope.service import add_operations, keep_trying
+from envelope.service import add_operations, keep_trying, redis_client
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -45,6 +45,7 @@ from starlette.routing import WebSocketRoute
 
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
+from ingress_ws.admission import HandshakeRate, SocketSlots, credential_key
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, MemoryPublisher, PresenceStore
 from ingress_ws.sessions import (
@@ -57,13 +58,13 @@ from ingress_ws.sessions import (
     IngressMetrics,
     IngressRuntime,
     MessageBudget,
+    UnconfirmedBytes,
     render_event_frame,
 )
 from ingress_ws.settings import IngressSettings
 
 log = structlog.get_logger("ingress_ws")
 STATIC = Path(__file__).parent / "static"
-BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
 def origin_allowed(
@@ -107,6 +108,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         default_limits=[settings.rate_limit_default],
     )
     instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    slots = SocketSlots(settings.websocket_max_connections_per_credential)
+    handshakes = HandshakeRate(parse(settings.websocket_handshake_rate_limit))
     holder: dict[str, IngressRuntime] = {}
 
     @contextlib.asynccontextmanager
@@ -120,9 +123,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 store = transport.store
                 presence_store, activity = store, store
             else:
-                client = redis.from_url(
-                    settings.redis_url.get_secret_value(), health_check_interval=5
-                )
+                client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
                 publisher = RabbitPublisher(
                     settings.rabbitmq_url.get_secret_value(), settings.topology
@@ -152,6 +153,9 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 presence=presence,
                 budget=budget,
                 metrics=metrics,
+                unconfirmed=UnconfirmedBytes(
+                    settings.websocket_unconfirmed_max_bytes, metrics.unconfirmed_bytes
+                ),
             )
             holder["runtime"] = runtime
             tasks = [
@@ -224,6 +228,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if settings.session_cookie_secure is not None
         else settings.environment != "development"
     )
+    cookie_name = session_cookie_name(secure=cookie_secure, domain=settings.session_cookie_domain)
     # The same attributes on set and delete, or browsers keep the old cookie.
     cookie_attributes: dict[str, Any] = {
         "path": "/",
@@ -266,7 +271,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         }
         response = JSONResponse(body, headers={"Cache-Control": "no-store"})
         response.set_cookie(
-            SESSION_COOKIE,
+            cookie_name,
             value,
             max_age=max(int(expires_at - time.time()), 0),
             **cookie_attributes,
@@ -278,7 +283,13 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if not page_origin_allowed(request):
             return refuse(403, "This origin may not end sessions.")
         response = Response(status_code=204, headers={"Cache-Control": "no-store"})
-        response.delete_cookie(SESSION_COOKIE, **cookie_attributes)
+        response.delete_cookie(cookie_name, **cookie_attributes)
+        for other in {SESSION_COOKIE, HOST_SESSION_COOKIE} - {cookie_name}:
+            if other in request.cookies:  # set before a change of settings: end it too
+                secure = cookie_secure or other == HOST_SESSION_COOKIE
+                response.delete_cookie(
+                    other, path="/", secure=secure, httponly=True, samesite="strict"
+                )
         return response
 
     async def board_socket(websocket: WebSocket) -> None:
@@ -287,7 +298,13 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         # The contract closes with codes, which needs an accepted socket; nothing flows before
         # every check below has passed.
         await websocket.accept()
-        if not BOARD_ID.match(board_id):
+        # Every handshake counts, refused ones included. Through uvicorn's trusted-proxy list:
+        # X-Forwarded-For counts only from those proxies.
+        client = websocket.client.host if websocket.client else "unknown"
+        if not await handshakes.allow(client):
+            await websocket.close(CLOSE_TRY_AGAIN, "too many connection attempts: back off")
+            return
+        if not is_board_id(board_id):
             await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
@@ -307,11 +324,19 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if runtime.presence.connections >= settings.websocket_max_connections:
             await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
             return
-        # Validated where it is replayed (`parse_board_cursor`): an invalid one gets a reset.
-        query = websocket.query_params
-        cursor = query.get("after") or query.get("last_event_id")
-        resume = None if cursor is None else (cursor, query.get("epoch") or None)
-        await BoardSocket(websocket, board_id, principal, runtime).run(resume)
+        assert credential is not None  # authenticate() refused a missing one
+        key = credential_key(principal, credential.value, client)
+        if not slots.take(key):
+            await websocket.close(CLOSE_TRY_AGAIN, "too many sockets for this credential")
+            return
+        try:
+            # Validated where it is replayed (`parse_board_cursor`): an invalid one gets a reset.
+            query = websocket.query_params
+            cursor = query.get("after") or query.get("last_event_id")
+            resume = None if cursor is None else (cursor, query.get("epoch") or None)
+            await BoardSocket(websocket, board_id, principal, runtime).run(resume)
+        finally:
+            slots.release(key)
 
     # Starlette's route, not FastAPI's: no dependency injection to resolve, and none of its
     # per-request state held for the socket's whole life (≈ 4 KiB per idle socket).

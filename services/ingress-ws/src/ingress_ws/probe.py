@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import websockets
-from envelope.models import BOARD_ID_PATTERN
+from envelope.models import is_board_id
 from envelope.settings import DEFAULT_TOKEN
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,7 +49,6 @@ LABEL_BY_EXIT = {
 }
 EVENT_TYPE = "probe.ping"
 DEFAULT_TOKEN_ENV = "ADVANCED_REALTIME_TOKEN"  # noqa: S105 - a variable's name, not a secret
-BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
 class ProbeSettings(BaseSettings):
@@ -621,7 +619,7 @@ def build_parser(settings: ProbeSettings) -> argparse.ArgumentParser:
 def parse_options(argv: Sequence[str] | None) -> tuple[ProbeOptions, bool]:
     settings = ProbeSettings()
     args = build_parser(settings).parse_args(argv)
-    if not BOARD_ID.match(args.board):
+    if not is_board_id(args.board):
         raise ProbeError(
             EXIT_UNKNOWN, f"--board {args.board!r} is not a board id: 1-64 of [A-Za-z0-9_.-]."
         )

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
@@ -34,6 +35,7 @@ from limits.errors import StorageError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import BoardPresence
@@ -83,6 +85,11 @@ class IngressMetrics:
             "advanced_websocket_closes",
             "WebSockets closed by the server, by close code.",
             ["code"],
+            registry=registry,
+        )
+        self.unconfirmed_bytes = Gauge(
+            "advanced_websocket_unconfirmed_bytes",
+            "Bytes of published events awaiting RabbitMQ's confirm, in this process.",
             registry=registry,
         )
         self.latency = delivery_latency_histogram(registry)
@@ -145,6 +152,28 @@ class MessageBudget:
         return allowed
 
 
+class UnconfirmedBytes:
+    """The bytes of envelopes published and not yet confirmed by RabbitMQ, for the whole
+    process: while the broker stops confirming, every socket's window (`MAX_IN_FLIGHT`) would
+    otherwise fill, and the cap of sockets multiplies it past the pod's memory."""
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        self.limit = limit
+        self.held = 0
+        self._gauge = gauge
+
+    def reserve(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        self._gauge.set(self.held)
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self._gauge.set(self.held)
+
+
 @dataclass
 class IngressRuntime:
     """What every socket shares in one process."""
@@ -155,6 +184,7 @@ class IngressRuntime:
     presence: BoardPresence
     budget: MessageBudget
     metrics: IngressMetrics
+    unconfirmed: UnconfirmedBytes
     sockets: set[BoardSocket] = field(default_factory=set)
 
 
@@ -322,28 +352,50 @@ class BoardSocket:
             task.add_done_callback(self._publishes.discard)
 
     async def _publish(self, message: BoardMessage, started: float) -> None:
+        """Publish one accepted frame and answer it: `ack`, or `error` whatever went wrong."""
+        correlation_id = message.id or uuid.uuid4().hex
+        try:
+            reply = await self._publish_traced(message, correlation_id, started)
+        except Exception:
+            # A frame is never left unanswered by a task that died: the client hears of it.
+            self.runtime.metrics.published.labels("error").inc()
+            self.runtime.metrics.frames.labels("unavailable").inc()
+            self._log.exception("publishing a frame failed", correlation_id=correlation_id)
+            reply = ErrorFrame(
+                code="unavailable",
+                message="The event could not be published; retry with the same id.",
+                correlation_id=correlation_id,
+            )
+        finally:
+            self._in_flight.release()
+        await self._send(reply)
+
+    async def _publish_traced(
+        self, message: BoardMessage, correlation_id: str, started: float
+    ) -> AckFrame | ErrorFrame:
         metrics = self.runtime.metrics
         # Each accepted frame starts a trace of its own (an empty parent context), however
         # long the connection lives; it began when the frame was taken up, at `started`.
         received_ns = time.time_ns() - int((time.perf_counter() - started) * 1e9)
-        try:
+        with tracer.start_as_current_span(
+            "receive board event",
+            context=otel_context.Context(),
+            kind=trace.SpanKind.SERVER,
+            start_time=received_ns,
+            attributes={"board.id": self.board_id, "board.event.type": message.type},
+        ) as received:
             with tracer.start_as_current_span(
-                "receive board event",
-                context=otel_context.Context(),
-                kind=trace.SpanKind.SERVER,
-                start_time=received_ns,
-                attributes={"board.id": self.board_id, "board.event.type": message.type},
-            ) as received:
-                with tracer.start_as_current_span(
-                    "publish board event",
-                    kind=trace.SpanKind.PRODUCER,
-                    attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
-                ):
-                    # The frame was validated as a BoardMessage: construct without validating.
-                    envelope = BoardEventEnvelope.model_construct(
+                "publish board event",
+                kind=trace.SpanKind.PRODUCER,
+                attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
+            ):
+                try:
+                    # Validated, not constructed: the ingress never publishes an envelope the
+                    # worker would refuse (and dead-letter after the client's `ack`).
+                    envelope = BoardEventEnvelope(
                         schema_version=SCHEMA_VERSION,
                         event_id=uuid.uuid4(),
-                        correlation_id=message.id or uuid.uuid4().hex,
+                        correlation_id=correlation_id,
                         board_id=self.board_id,
                         type=message.type,
                         payload=message.payload,
@@ -352,41 +404,54 @@ class BoardSocket:
                         trace_context=inject_trace_context(),
                         idempotency_scope=self.principal.idempotency_scope,
                     )
-                    received.set_attributes(
-                        {
-                            "messaging.message.id": str(envelope.event_id),
-                            "messaging.message.conversation_id": envelope.correlation_id,
-                        }
+                    body = codec.dumps(envelope)
+                except (ValidationError, orjson.JSONEncodeError) as exc:
+                    metrics.frames.labels("invalid_message").inc()
+                    received.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                    return ErrorFrame(
+                        code="invalid_message",
+                        message="The event cannot be stored as sent; change it before resending.",
+                        correlation_id=correlation_id,
                     )
-                    try:
-                        await self.runtime.publisher.publish(
-                            envelope, codec.dumps(envelope), envelope.trace_context
-                        )
-                    except PublishUnavailable as exc:
-                        metrics.published.labels("error").inc()
-                        metrics.frames.labels("unavailable").inc()
-                        received.set_status(trace.StatusCode.ERROR, str(exc))
-                        self._log.warning(
-                            "publish failed",
-                            reason=str(exc),
-                            correlation_id=envelope.correlation_id,
-                        )
-                        await self._send(
-                            ErrorFrame(
-                                code="unavailable",
-                                message="The event could not be stored; retry with the same id.",
-                                correlation_id=envelope.correlation_id,
-                            )
-                        )
-                        return
-                metrics.published.labels("success").inc()
-                metrics.frames.labels("accepted").inc()
-                metrics.publish_duration.observe(time.perf_counter() - started)
-                await self._send(
-                    AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
+                received.set_attributes(
+                    {
+                        "messaging.message.id": str(envelope.event_id),
+                        "messaging.message.conversation_id": envelope.correlation_id,
+                    }
                 )
-        finally:
-            self._in_flight.release()
+                unconfirmed = self.runtime.unconfirmed
+                if not unconfirmed.reserve(len(body)):
+                    # RabbitMQ is slow to confirm and this process already holds its share:
+                    # refuse at once rather than hold more memory or stall the reader.
+                    metrics.published.labels("error").inc()
+                    metrics.frames.labels("unavailable").inc()
+                    received.set_status(trace.StatusCode.ERROR, "unconfirmed bytes at the bound")
+                    return ErrorFrame(
+                        code="unavailable",
+                        message="Too many events await the broker's confirm; "
+                        "retry with the same id shortly.",
+                        correlation_id=correlation_id,
+                    )
+                try:
+                    await self.runtime.publisher.publish(envelope, body, envelope.trace_context)
+                except PublishUnavailable as exc:
+                    metrics.published.labels("error").inc()
+                    metrics.frames.labels("unavailable").inc()
+                    received.set_status(trace.StatusCode.ERROR, str(exc))
+                    self._log.warning(
+                        "publish failed", reason=str(exc), correlation_id=correlation_id
+                    )
+                    return ErrorFrame(
+                        code="unavailable",
+                        message="The event could not be stored; retry with the same id.",
+                        correlation_id=correlation_id,
+                    )
+                finally:
+                    unconfirmed.release(len(body))
+            metrics.published.labels("success").inc()
+            metrics.frames.labels("accepted").inc()
+            metrics.publish_duration.observe(time.perf_counter() - started)
+            return AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
 
     async def _write(self, subscription: Subscription[str]) -> None:
         written = self.runtime.metrics.delivery.written
@@ -427,11 +492,12 @@ class BoardSocket:
     async def _refuse(self, error: InvalidFrame) -> None:
         self.runtime.metrics.frames.labels(error.code).inc()
         await self._send(
-            ErrorFrame.model_construct(
-                kind="error",
-                code=error.code,  # type: ignore[arg-type]
-                message=error.message,
-                correlation_id=error.correlation_id,
+            ErrorFrame.model_validate(
+                {
+                    "code": error.code,
+                    "message": error.message,
+                    "correlation_id": error.correlation_id,
+                }
             )
         )
 

@@ -8,7 +8,15 @@ from pydantic import Field, field_validator
 class IngressSettings(SuiteSettings):
     ingress_port: int = 8004
     websocket_max_connections: int = Field(default=128, ge=1)
+    # One credential's share of the instance's sockets (a JWT's subject; the shared token per
+    # client address), and WebSocket handshakes per client address: past either, close 1013.
+    websocket_max_connections_per_credential: int = Field(default=32, ge=1)
+    websocket_handshake_rate_limit: str = "60/10 seconds"
     max_payload_bytes: int = Field(default=16_384, ge=1)
+    # Envelope bytes awaiting RabbitMQ's confirm, summed over every socket of the process;
+    # past it frames get `error`/`unavailable` at once. Measured (bench/blackhole_memory.py,
+    # 128 sockets of full-size frames, RabbitMQ blackholed): 260 MiB peak RSS, 1362 without.
+    websocket_unconfirmed_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     websocket_rate_limit: str = "100/second"
     websocket_rate_limit_strikes: int = Field(default=20, ge=1)
     websocket_send_queue: int = Field(default=1000, ge=1)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator
 
-import redis.asyncio as redis
 import structlog
 from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryTransport
-from envelope.models import BOARD_ID_PATTERN
+from envelope.models import is_board_id
 from envelope.security import rate_limit_exceeded
-from envelope.service import add_operations
+from envelope.service import add_operations, redis_client
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -37,7 +35,6 @@ from sse_gateway.streams import (
 )
 
 log = structlog.get_logger("sse_gateway")
-BOARD_ID = re.compile(BOARD_ID_PATTERN)
 
 
 async def until_server_exit() -> None:
@@ -72,9 +69,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
             if settings.event_transport == "memory":
                 store = (memory or MemoryTransport()).store
             else:
-                client = redis.from_url(
-                    settings.redis_url.get_secret_value(), health_check_interval=5
-                )
+                client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
                 store = RedisActivityStore(client, settings.redis_keys)
             hub: ActivityHub[bytes] = ActivityHub(
@@ -155,7 +150,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
 
     async def board_events(request: Request) -> EventStreamResponse:
         board_id: str = request.path_params["board_id"]
-        if not BOARD_ID.fullmatch(board_id):
+        if not is_board_id(board_id):
             raise HTTPException(422, "The board id must be 1-64 of [A-Za-z0-9_.-].")
         principal = authenticate(request)
         if not principal.may_access(board_id):

@@ -48,7 +48,8 @@ const WS_CLOSE_REASONS = {
   1009: "a frame was over the size limit",
   1011: "server error",
   1012: "the server is restarting",
-  1013: "the server is at its connection limit",
+  1013: "the server is busy (connection limit or too many attempts)",
+  4401: "the credential expired",
   4408: "this window fell behind (slow consumer)",
 };
 
@@ -220,7 +221,11 @@ export class SocketTransport extends BoardTransport {
       if (this.socket !== socket) return;
       this.socket = null;
       if (this.stopped) return;
-      const fatal = WS_FATAL[closed.code];
+      // The credential the socket was opened with ran out ("token expired"): a session is
+      // renewed before then, so reconnect with the current cookie; a credential that is
+      // really gone is refused again at the handshake, with another reason, and stops there.
+      const expired = closed.code === 4401 && closed.reason === "token expired";
+      const fatal = expired ? undefined : WS_FATAL[closed.code];
       if (fatal) {
         const reason = closed.reason ? `: ${closed.reason}` : "";
         this.fatal(`${fatal} (WebSocket close ${closed.code}${reason})`);
@@ -272,16 +277,18 @@ export class SocketTransport extends BoardTransport {
 
 /** The EventSource to the SSE gateway: a read-only stream of the same board. */
 export class StreamTransport extends BoardTransport {
-  constructor(urlFor, backoff, handlers) {
+  /** `withCredentials`: send the session cookie (also to a gateway on another port). */
+  constructor(urlFor, backoff, handlers, { withCredentials = false } = {}) {
     super("SSE", backoff, handlers);
     this.urlFor = urlFor;
+    this.withCredentials = withCredentials;
     this.source = null;
   }
 
   connect() {
     this.report("connecting", { attempt: this.backoff.attempt });
     const url = this.urlFor(this.lastSequence);
-    const source = new EventSource(url);
+    const source = new EventSource(url, { withCredentials: this.withCredentials });
     this.source = source;
     let opened = false;
     source.addEventListener("open", () => {
@@ -335,7 +342,11 @@ export class StreamTransport extends BoardTransport {
     const abort = new AbortController();
     let status = 0;
     try {
-      const response = await fetch(url, { cache: "no-store", signal: abort.signal });
+      const response = await fetch(url, {
+        cache: "no-store",
+        signal: abort.signal,
+        credentials: this.withCredentials ? "include" : "same-origin",
+      });
       status = response.status;
     } catch {
       status = 0;

@@ -30,19 +30,53 @@ function gatewayBase(publicUrl) {
   return base;
 }
 
+/** `token` null: the session cookie is the credential, and no token goes into the URL. */
 function socketUrl(board, token, after) {
   const url = new URL(`/ws/boards/${encodeURIComponent(board)}`, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  url.searchParams.set("token", token);
+  if (token) url.searchParams.set("token", token);
   if (after > 0) url.searchParams.set("after", String(after));
   return url.toString();
 }
 
 function streamUrl(base, board, token, after) {
   const url = new URL(`sse/boards/${encodeURIComponent(board)}`, base);
-  url.searchParams.set("token", token);
+  if (token) url.searchParams.set("token", token);
   if (after > 0) url.searchParams.set("last_event_id", String(after));
   return url.toString();
+}
+
+/** Trade the token for the ingress's HttpOnly session cookie (`POST /session`), so that it
+ *  stays out of URLs, which proxies and ingress controllers log. Returns the session's expiry
+ *  (seconds since the epoch), `null` where no session route answers (the page then falls
+ *  back to `?token=`), or throws `SessionRefused` for a token the server refused. */
+async function openSession(token) {
+  let response;
+  try {
+    response = await fetch("/session", {
+      method: "POST",
+      headers: { Authorization: `Bearer ${token}` },
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+  } catch {
+    return null;
+  }
+  if (response.status === 401) throw new SessionRefused("The token was refused");
+  if (!response.ok) return null;
+  try {
+    return Number((await response.json()).expires_at) || null;
+  } catch {
+    return null;
+  }
+}
+
+class SessionRefused extends Error {}
+
+/** The session cookie has no Domain, so the browser sends it only to this page's host (any
+ *  port): a gateway elsewhere still needs the token in its URL (EventSource sends no headers). */
+function cookieReaches(base) {
+  return base.hostname === location.hostname;
 }
 
 function newCorrelationId() {
@@ -127,6 +161,7 @@ class Playground {
     this.board = null;
     this.outbox = new Map(); // correlation id -> frame, until acked
     this.cursors = { ws: 0, sse: 0 }; // where a reconnect to the same board resumes
+    this.sessionTimer = null;
     this.wsStatus = new TransportStatus(
       $("ws-status"),
       $("ws-state"),
@@ -166,7 +201,7 @@ class Playground {
     if (params.get("connect") === "1" && $("token").value) this.connect();
   }
 
-  connect() {
+  async connect() {
     const token = $("token").value.trim();
     const board = $("board").value.trim();
     this.hideNotice();
@@ -183,6 +218,35 @@ class Playground {
     writeStorage(sessionStorage, TOKEN_KEY, token);
     writeStorage(localStorage, BOARD_KEY, board);
     this.stopTransports();
+    let session;
+    try {
+      session = await this.startSession(token);
+    } catch (error) {
+      if (!(error instanceof SessionRefused)) throw error;
+      const detail = `Stopped: ${error.message}.`;
+      for (const status of [this.wsStatus, this.sseStatus]) {
+        status.show({ state: "refused", lastSequence: 0, detail });
+      }
+      this.fail(error.message);
+      return;
+    }
+    // With a session the cookie carries the credential and the URLs carry no token.
+    const cookie = { ws: session, sse: session && cookieReaches(this.gateway) };
+    const refused = (which, transport) => (message) => {
+      // A browser that did not keep the cookie (storage blocked, an old browser refusing a
+      // Secure cookie over http): the first attempt is refused, so use the token instead.
+      const current = transport();
+      if (current && cookie[which] && !current.everOpened && /\b4?401\b/.test(message)) {
+        cookie[which] = false;
+        this.log.notice(
+          `${which.toUpperCase()}: the session cookie was not sent; using the token in the URL.`,
+          "warning",
+        );
+        current.start();
+        return;
+      }
+      this.fail(message);
+    };
     if (board !== this.board) {
       this.log.clear();
       this.outbox.clear();
@@ -194,9 +258,10 @@ class Playground {
 
     const { reconnect_initial_ms: initial, reconnect_max_ms: max } = this.config;
     this.socket = new SocketTransport(
-      (after) => socketUrl(board, token, after),
+      (after) => socketUrl(board, cookie.ws ? null : token, after),
       new Backoff(initial, max),
       this.handlers("ws", this.wsStatus, {
+        onFatal: refused("ws", () => this.socket),
         onOpen: () => this.flushOutbox(),
         onAck: (ack) => {
           this.outbox.delete(ack.correlation_id);
@@ -213,9 +278,10 @@ class Playground {
       }),
     );
     this.stream = new StreamTransport(
-      (after) => streamUrl(this.gateway, board, token, after),
+      (after) => streamUrl(this.gateway, board, cookie.sse ? null : token, after),
       new Backoff(initial, max),
-      this.handlers("sse", this.sseStatus, {}),
+      this.handlers("sse", this.sseStatus, { onFatal: refused("sse", () => this.stream) }),
+      { withCredentials: cookie.sse },
     );
     // Back on the same board (after Leave, or a refused token): resume where each one stopped.
     this.socket.lastSequence = this.cursors.ws;
@@ -224,6 +290,19 @@ class Playground {
     this.stream.start();
     $("leave").hidden = false;
     this.updateSendState();
+  }
+
+  /** A session for the token, renewed a minute before it expires while the page stays
+   *  connected (sockets opened with it keep working; reconnects need a live cookie). */
+  async startSession(token) {
+    clearTimeout(this.sessionTimer);
+    const expiresAt = await openSession(token);
+    if (expiresAt === null) return false;
+    const renewIn = Math.max(expiresAt * 1000 - Date.now() - 60_000, 10_000);
+    this.sessionTimer = setTimeout(() => {
+      if (this.socket || this.stream) this.startSession(token).catch(() => {});
+    }, renewIn);
+    return true;
   }
 
   handlers(transport, status, extra) {
