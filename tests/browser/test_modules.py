@@ -143,3 +143,39 @@ async def test_the_log_keeps_rows_in_sequence_order_with_pending_sends_last(page
     assert rows[2]["ws"] == "received" and rows[2]["sse"] == "replayed"
     assert rows[0]["sse"] == "waiting"
     assert rows[3]["status"] == "acked"
+
+
+async def test_a_board_that_starts_again_is_followed_not_hidden_as_seen(page: Page) -> None:
+    """A board whose history expired counts from 1 under a new epoch: the page must show those
+    events (not drop them as already seen) and resume with the new epoch in its cursor."""
+    seen = await in_modules(
+        page,
+        """
+        const shown = [], notices = [], urls = [];
+        const handlers = {
+          onState() {}, onEvent: (event) => shown.push(`${event.epoch}:${event.sequence}`),
+          onNotice: (text) => { notices.push(text); return { update() {} }; },
+          onFatal() {},
+        };
+        const socket = new connections.SocketTransport(
+          (cursor) => { urls.push(cursor); return "ws://127.0.0.1:9/nowhere"; },
+          new connections.Backoff(1000, 1000), handlers,
+        );
+        const frame = (sequence, epoch) => JSON.stringify(
+          { kind: "event", sequence, epoch, published_at: new Date().toISOString() });
+        socket.receive(frame(1, "100"));
+        socket.receive(frame(2, "100"));
+        socket.receive(frame(2, "100"));           // a duplicate of a resume's overlap
+        socket.receive(frame(1, "200"));           // the board started again, live
+        const afterRestart = socket.cursor;
+        socket.receive(JSON.stringify({ kind: "reset", reason: "history_lost" }));
+        socket.receive(frame(1, "300"));           // announced by a reset first
+        socket.connect(); socket.stop();
+        return { shown, afterRestart, cursor: socket.cursor, urls, notices: notices.length };
+        """,
+    )
+    assert seen["shown"] == ["100:1", "100:2", "200:1", "300:1"]
+    assert seen["afterRestart"] == {"after": 1, "epoch": "200"}
+    assert seen["cursor"] == {"after": 1, "epoch": "300"}
+    assert seen["urls"] == [{"after": 1, "epoch": "300"}]
+    assert seen["notices"] == 2

@@ -70,6 +70,7 @@ class BoardTransport {
     this.backoff = backoff;
     this.handlers = handlers;
     this.lastSequence = 0;
+    this.lastEpoch = null; // the board's epoch that `lastSequence` counts in
     this.received = 0;
     this.stopped = true;
     this.retryTimer = null;
@@ -97,6 +98,16 @@ class BoardTransport {
     clearTimeout(this.stableTimer);
     this.disconnect();
     this.report(state, { detail });
+  }
+
+  /** Where a reconnect resumes: `{after, epoch}`. */
+  get cursor() {
+    return { after: this.lastSequence, epoch: this.lastEpoch };
+  }
+
+  resumeFrom({ after, epoch }) {
+    this.lastSequence = after;
+    this.lastEpoch = epoch;
   }
 
   report(state, extra = {}) {
@@ -157,6 +168,9 @@ class BoardTransport {
 
   deliver(event, extra = {}) {
     if (typeof event.sequence !== "number") return;
+    if (event.epoch && this.lastEpoch && event.epoch !== this.lastEpoch) {
+      this.historyLost(); // the board started again: its numbers start again too
+    }
     if (event.sequence <= this.lastSequence) return; // seen already (a resume overlaps)
     if (this.lastSequence > 0 && event.sequence > this.lastSequence + 1 && !this.expectGap) {
       this.handlers.onNotice(
@@ -166,6 +180,7 @@ class BoardTransport {
     }
     this.expectGap = false;
     this.lastSequence = event.sequence;
+    if (event.epoch) this.lastEpoch = event.epoch;
     this.received += 1;
     // Published before this connection opened: it can only have come from the resume.
     let replayed = false;
@@ -183,6 +198,27 @@ class BoardTransport {
     }
     this.handlers.onEvent(event, { replayed, receivedAt: Date.now(), ...extra });
     this.report(this.state, { resumedFrom: this.resumedFrom });
+  }
+
+  /** A `reset`: `history_lost` (the board's history started again), else `cursor_expired`. */
+  resetReceived(reset) {
+    if (reset.reason === "history_lost") this.historyLost();
+    else this.cursorExpired(reset.oldest_cursor);
+  }
+
+  /** The board's history is gone (expired while idle, or lost by Redis): it counts from 1
+   *  again, so the old cursor is dropped rather than hiding the new events as seen. */
+  historyLost() {
+    const had = this.lastSequence;
+    this.lastSequence = 0;
+    this.lastEpoch = null;
+    this.expectGap = true;
+    if (had > 0) {
+      this.handlers.onNotice(
+        `${this.name}: the board's history started again; events count from #1 anew.`,
+        "warning",
+      );
+    }
   }
 
   /** The server no longer retains the cursor: some events are gone for good. */
@@ -210,7 +246,7 @@ export class SocketTransport extends BoardTransport {
 
   connect() {
     this.report("connecting", { attempt: this.backoff.attempt });
-    const socket = new WebSocket(this.urlFor(this.lastSequence));
+    const socket = new WebSocket(this.urlFor(this.cursor));
     this.socket = socket;
     socket.addEventListener("open", () => {
       this.opened();
@@ -267,7 +303,7 @@ export class SocketTransport extends BoardTransport {
         this.handlers.onError?.(frame);
         break;
       case "reset":
-        this.cursorExpired(frame.oldest_cursor);
+        this.resetReceived(frame);
         break;
       default:
         break; // a newer server's frame kind: ignored, as the contract asks of readers
@@ -287,7 +323,7 @@ export class StreamTransport extends BoardTransport {
 
   connect() {
     this.report("connecting", { attempt: this.backoff.attempt });
-    const url = this.urlFor(this.lastSequence);
+    const url = this.urlFor(this.cursor);
     const source = new EventSource(url, { withCredentials: this.withCredentials });
     this.source = source;
     let opened = false;
@@ -311,7 +347,7 @@ export class StreamTransport extends BoardTransport {
       } catch {
         // keep the defaults: the warning is still worth showing
       }
-      this.cursorExpired(reset.oldest_cursor);
+      this.resetReceived(reset);
     });
     source.addEventListener("close", () => {
       this.handlers.onNotice("SSE: the gateway cut this stream (slow consumer); resuming.", "info");

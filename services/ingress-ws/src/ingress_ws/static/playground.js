@@ -10,6 +10,7 @@ const BOARD_KEY = "playground.board";
 const DEFAULTS = { sse_public_url: "", reconnect_initial_ms: 500, reconnect_max_ms: 15000 };
 
 const $ = (id) => document.getElementById(id);
+const NO_CURSOR = { after: 0, epoch: null };
 
 /** `/playground/config.json` from the ingress; the page still works if it cannot be read. */
 async function loadConfig() {
@@ -31,18 +32,24 @@ function gatewayBase(publicUrl) {
 }
 
 /** `token` null: the session cookie is the credential, and no token goes into the URL. */
-function socketUrl(board, token, after) {
+/** `after` and `epoch`: the cursor, the last event's `sequence` and the board's `epoch` it
+ *  counts in (a board that started again has a new one, and its old numbers are refused). */
+function socketUrl(board, token, { after, epoch }) {
   const url = new URL(`/ws/boards/${encodeURIComponent(board)}`, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);
-  if (after > 0) url.searchParams.set("after", String(after));
+  if (after > 0) {
+    url.searchParams.set("after", String(after));
+    if (epoch) url.searchParams.set("epoch", epoch);
+  }
   return url.toString();
 }
 
-function streamUrl(base, board, token, after) {
+/** The board stream's `Last-Event-ID` form is `<sequence>.<epoch>`. */
+function streamUrl(base, board, token, { after, epoch }) {
   const url = new URL(`sse/boards/${encodeURIComponent(board)}`, base);
   if (token) url.searchParams.set("token", token);
-  if (after > 0) url.searchParams.set("last_event_id", String(after));
+  if (after > 0) url.searchParams.set("last_event_id", epoch ? `${after}.${epoch}` : String(after));
   return url.toString();
 }
 
@@ -160,7 +167,7 @@ class Playground {
     this.stream = null;
     this.board = null;
     this.outbox = new Map(); // correlation id -> frame, until acked
-    this.cursors = { ws: 0, sse: 0 }; // where a reconnect to the same board resumes
+    this.cursors = { ws: NO_CURSOR, sse: NO_CURSOR }; // where a reconnect to the same board resumes
     this.sessionTimer = null;
     this.wsStatus = new TransportStatus(
       $("ws-status"),
@@ -251,14 +258,14 @@ class Playground {
       this.log.clear();
       this.outbox.clear();
       this.setPresence(null);
-      this.cursors = { ws: 0, sse: 0 };
+      this.cursors = { ws: NO_CURSOR, sse: NO_CURSOR };
     }
     this.board = board;
     document.title = `${board} · Realtime playground`;
 
     const { reconnect_initial_ms: initial, reconnect_max_ms: max } = this.config;
     this.socket = new SocketTransport(
-      (after) => socketUrl(board, cookie.ws ? null : token, after),
+      (cursor) => socketUrl(board, cookie.ws ? null : token, cursor),
       new Backoff(initial, max),
       this.handlers("ws", this.wsStatus, {
         onFatal: refused("ws", () => this.socket),
@@ -278,14 +285,14 @@ class Playground {
       }),
     );
     this.stream = new StreamTransport(
-      (after) => streamUrl(this.gateway, board, cookie.sse ? null : token, after),
+      (cursor) => streamUrl(this.gateway, board, cookie.sse ? null : token, cursor),
       new Backoff(initial, max),
       this.handlers("sse", this.sseStatus, { onFatal: refused("sse", () => this.stream) }),
       { withCredentials: cookie.sse },
     );
     // Back on the same board (after Leave, or a refused token): resume where each one stopped.
-    this.socket.lastSequence = this.cursors.ws;
-    this.stream.lastSequence = this.cursors.sse;
+    this.socket.resumeFrom(this.cursors.ws);
+    this.stream.resumeFrom(this.cursors.sse);
     this.socket.start();
     this.stream.start();
     $("leave").hidden = false;
@@ -339,8 +346,8 @@ class Playground {
   }
 
   stopTransports(state = "idle", detail = "") {
-    if (this.socket) this.cursors.ws = this.socket.lastSequence;
-    if (this.stream) this.cursors.sse = this.stream.lastSequence;
+    if (this.socket) this.cursors.ws = this.socket.cursor;
+    if (this.stream) this.cursors.sse = this.stream.cursor;
     this.socket?.stop(state, detail);
     this.stream?.stop(state, detail);
     this.socket = null;
