@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
+import structlog
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -24,6 +25,7 @@ from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+log = structlog.get_logger("envelope.service")
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:
@@ -48,7 +50,10 @@ def add_operations(
     """Mount the probes and metrics, instrument HTTP and add the security headers.
 
     `exempt` marks the probe routes as free of rate limits (slowapi's `Limiter.exempt`).
+    `app.state.readiness` and `app.state.registry` keep both, so the one-process development
+    suite can answer `/readyz` and `/metrics` for all three services at once.
     """
+    app.state.readiness, app.state.registry = readiness, registry
     probes = {"/healthz", "/readyz", settings.metrics_path}
     Instrumentator(
         excluded_handlers=[*probes],
@@ -70,7 +75,11 @@ def add_operations(
     async def readyz() -> Response:
         flags = await readiness()
         ready = all(flags.values())
-        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", **flags}
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not_ready",
+            "transport": settings.event_transport,
+            **flags,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get(settings.metrics_path, include_in_schema=False)
@@ -90,13 +99,16 @@ class DrainingServer(uvicorn.Server):
 
     Once started, the objects of start-up are frozen out of the garbage collector's scans."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain | None) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain | None, ready: str = "") -> None:
         super().__init__(config)
         self._drain = drain
+        self._ready = ready
         self._draining: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started and self._ready:  # not when the port was taken: uvicorn exits then
+            log.info(self._ready)
         # What exists now (modules, app, broker connections) lives as long as the process:
         # moved out of the collector's sight, a full collection stops scanning ~90,000 objects
         # (31 ms on a slow core, a spike on every stream of the process).
@@ -116,10 +128,29 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def local_url(settings: SuiteSettings, port: int) -> str:
+    """Where a person on this machine reaches a service bound to `ADVANCED_HOST`."""
+    host = settings.host
+    if host in {"127.0.0.1", "0.0.0.0", "::", "::1", ""}:
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def serve(
-    app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any
+    app: Any,
+    settings: SuiteSettings,
+    port: int,
+    drain: Drain | None = None,
+    ready: str = "ready: listening on {url}",
+    **options: Any,
 ) -> None:
-    """Run one service process: uvloop and httptools where available, logs left to structlog."""
+    """Run one service process: uvloop and httptools where available, logs left to structlog.
+
+    Once the port is bound, `ready` (with `{url}` filled in) is logged: the line that tells a
+    person where to go.
+    """
     # uvicorn has no deadline for a request's head: without one, slow clients hold sockets.
     options.setdefault("http", hardened_http_protocol(settings.http_request_timeout_seconds))
     config = uvicorn.Config(
@@ -133,7 +164,7 @@ def serve(
         server_header=False,
         **options,
     )
-    DrainingServer(config, drain).run()
+    DrainingServer(config, drain, ready.format(url=local_url(settings, port))).run()
 
 
 async def keep_trying(connect: Callable[[], Awaitable[None]], what: str, log: Any) -> None:

@@ -207,6 +207,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         runtime = holder.get("runtime")
         rabbit = runtime is not None and runtime.publisher.ready
         redis_ok = runtime is not None and runtime.hub.connected.is_set()
+        if settings.event_transport == "memory":
+            return {"event_pipeline_ready": rabbit and redis_ok}  # no broker to speak of
         return {
             "event_pipeline_ready": rabbit and redis_ok,
             "rabbitmq_connected": rabbit,

@@ -41,6 +41,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
     registry = CollectorRegistry()
     metrics = RelayMetrics(registry)
     runtime = WorkerRuntime()
+    memory_relay: list[asyncio.Task[None]] = []  # the relay loop of the in-memory transport
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +52,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 task = asyncio.create_task(
                     consume_memory(transport.broker, relay, settings.rabbitmq_retry_delay_ms / 1000)
                 )
+                memory_relay.append(task)
                 yield
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -143,7 +145,8 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
     async def readiness() -> dict[str, bool]:
         if settings.event_transport == "memory":
-            return {"rabbitmq_connected": True, "redis_connected": True}
+            # No brokers to speak of: the relay loop over the in-memory queue is the pipeline.
+            return {"relay_running": any(not task.done() for task in memory_relay)}
         connection = runtime.connection
         # A robust connection is not "closed" while it reconnects; `connected` says whether
         # it is up right now.
