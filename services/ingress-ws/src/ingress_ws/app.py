@@ -223,8 +223,14 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
 
     @app.get("/playground/config.json", include_in_schema=False)
     async def playground_config(request: Request) -> dict[str, object]:
+        sse_url = settings.sse_public_url
+        if sse_url is None:
+            # The page's own host name, so a session cookie set here is sent there too.
+            host = request.url.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            sse_url = f"{request.url.scheme}://{host}:{settings.sse_port}"
         return {
-            "sse_public_url": settings.sse_public_url,
+            "sse_public_url": sse_url,
             "reconnect_initial_ms": settings.reconnect_initial_ms,
             "reconnect_max_ms": settings.reconnect_max_ms,
         }

@@ -60,7 +60,8 @@ class ProbeSettings(BaseSettings):
 
     realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
     ingress_port: int = 8004
-    sse_public_url: str = "http://localhost:8005"
+    sse_port: int = 8005
+    sse_public_url: str | None = None  # empty: the SSE routes are on the ingress's port
 
 
 class ProbeError(Exception):
@@ -561,6 +562,13 @@ def _base_url(text: str, schemes: dict[str, str], what: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
+def sse_default(settings: ProbeSettings) -> str:
+    """`--sse-url` unless given: where the ingress's page would look for the gateway."""
+    if settings.sse_public_url is None:
+        return f"http://localhost:{settings.sse_port}"
+    return settings.sse_public_url or f"http://localhost:{settings.ingress_port}"
+
+
 def build_parser(settings: ProbeSettings) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="realtime-probe",
@@ -577,8 +585,9 @@ def build_parser(settings: ProbeSettings) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sse-url",
-        default=settings.sse_public_url or f"http://localhost:{settings.ingress_port}",
-        help="the SSE gateway's base URL (default: ADVANCED_SSE_PUBLIC_URL, %(default)s)",
+        default=sse_default(settings),
+        help="the SSE gateway's base URL (default: ADVANCED_SSE_PUBLIC_URL, else "
+        "http://localhost:ADVANCED_SSE_PORT: %(default)s)",
     )
     parser.add_argument(
         "--board",
