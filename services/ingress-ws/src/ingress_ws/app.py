@@ -30,6 +30,7 @@ from envelope.security import (
     websocket_origin_allowed,
 )
 from envelope.service import add_operations, keep_trying
+from envelope.settings import DEFAULT_TOKEN
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -231,6 +232,11 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             sse_url = f"{request.url.scheme}://{host}:{settings.sse_port}"
         return {
             "sse_public_url": sse_url,
+            # The page hints at the documented default only where it is accepted.
+            "development_token": DEFAULT_TOKEN
+            if settings.environment == "development"
+            and settings.realtime_token.get_secret_value() == DEFAULT_TOKEN
+            else None,
             "reconnect_initial_ms": settings.reconnect_initial_ms,
             "reconnect_max_ms": settings.reconnect_max_ms,
         }
