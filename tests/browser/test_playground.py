@@ -1,4 +1,4 @@
-"""The playground page in a real browser, against the real suite (contract section 7).
+"""The playground page in a real browser, against the real suite.
 
 Controls are found by their accessible names (Token, Board, Message, Connect, Send, the log),
 as a screen reader would find them. Each row of the log carries, per transport, whether the
