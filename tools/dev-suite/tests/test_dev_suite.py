@@ -10,6 +10,7 @@ import httpx
 import pytest
 import uvicorn
 from dev_suite.__main__ import create_suite
+from ingress_ws.probe import parse_options
 from support.clients import board, sse
 
 TOKEN = "change-me-realtime"  # the development default the dev suite runs with
@@ -115,3 +116,16 @@ async def test_metrics_carry_every_services_series(base_url: str) -> None:
     # Each name once: families of the three registries are merged, not repeated.
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(types) == len(set(types))
+
+
+async def test_the_probe_finds_the_sse_routes_on_the_suites_own_port(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `just probe` after `just dev` without brokers: no --sse-url needed.
+    monkeypatch.delenv("ADVANCED_SSE_PUBLIC_URL", raising=False)
+    port = base_url.rsplit(":", 1)[1]
+    options, _ = await asyncio.to_thread(parse_options, ["--ws-url", f"ws://{base_url}"])
+    assert options.sse_url == f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("ADVANCED_INGRESS_PORT", port)
+    options, _ = await asyncio.to_thread(parse_options, [])
+    assert options.sse_url == f"http://localhost:{port}"
