@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pty
+import re
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +109,49 @@ def test_sigterm_to_just_dev_in_memory_mode_leaves_nothing_listening(
     run.process.wait(30)
     _, alive = psutil.wait_procs(everything, timeout=30)
     assert not alive, [process.cmdline() for process in alive]
+    assert not listening(port)
+
+
+def test_ctrl_c_on_a_terminal_stops_the_in_memory_suite_without_a_traceback() -> None:
+    port, closed = free_port(), free_port()
+    env = {
+        **os.environ,
+        "ADVANCED_INGRESS_PORT": str(port),
+        "ADVANCED_RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{closed}/",
+        "ADVANCED_REDIS_URL": f"redis://127.0.0.1:{closed}/0",
+    }
+    leader, follower = pty.openpty()
+    # On a terminal of its own, as a person runs it: Ctrl-C is the terminal's SIGINT to the
+    # whole foreground process group (just, uv, the suite), not a signal to one process.
+    process = subprocess.Popen(
+        [str(ROOT / "just"), "dev"],
+        cwd=ROOT,
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
+    os.close(follower)
+    output = b""
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while f"ready: open http://localhost:{port}".encode() not in output:
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            output += os.read(leader, 65536)
+        os.write(leader, b"\x03")  # Ctrl-C
+        with contextlib.suppress(OSError):  # EIO once every process has let go of the terminal
+            while chunk := os.read(leader, 65536):
+                output += chunk
+        process.wait(30)
+    finally:
+        os.close(leader)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output.decode(errors="replace"))  # the colours
+    assert "Shutting down" in text and "Traceback" not in text, text
+    assert "service=dev-suite" in text  # a terminal gets the console format, not JSON
     assert not listening(port)
 
 

@@ -95,7 +95,9 @@ Drain = Callable[[], Awaitable[None]]
 
 class DrainingServer(uvicorn.Server):
     """SIGTERM is an orchestrator's normal stop: drain (close sockets with 1001), then let
-    uvicorn finish in-flight requests, and exit 0 rather than re-raising the signal.
+    uvicorn finish in-flight requests, and exit 0 rather than re-raising the signal. A first
+    Ctrl-C (SIGINT) does the same, so a terminal sees a clean stop, not a KeyboardInterrupt
+    traceback; a second one is uvicorn's forced exit.
 
     Once started, the objects of start-up are frozen out of the garbage collector's scans."""
 
@@ -115,10 +117,10 @@ class DrainingServer(uvicorn.Server):
         gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig != signal.SIGTERM:
-            super().handle_exit(sig, frame)
-        elif self._draining is None:
+        if self._draining is None and sig in (signal.SIGTERM, signal.SIGINT):
             self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit())
+        elif sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)  # a second Ctrl-C: force the exit
 
     async def _drain_then_exit(self) -> None:
         try:
