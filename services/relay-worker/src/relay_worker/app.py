@@ -13,6 +13,7 @@ import aio_pika
 import redis.asyncio as redis
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from envelope.memory import MemoryTransport
 from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
@@ -91,11 +92,14 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
             async def connect() -> None:
                 # A name per process, so an operator (or a fault test) can tell workers apart.
-                connection = await aio_pika.connect_robust(
-                    settings.rabbitmq_url.get_secret_value(),
+                connection = aio_pika.RobustConnection(
+                    make_url(settings.rabbitmq_url.get_secret_value()),
                     client_properties={"connection_name": f"relay-worker {worker_id}"},
                 )
                 try:
+                    # Inside the try: a stop during the first attempt must close it, or
+                    # aio-pika's reconnect task survives the cancellation (aio-pika #414).
+                    await connection.connect()
                     async with connection.channel() as channel:
                         await declare_topology(
                             channel, settings.topology, settings.rabbitmq_retry_delay_ms
