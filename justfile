@@ -12,15 +12,21 @@ default:
 setup:
     {{uv}} sync --all-packages --frozen
 
+# The services alone, for running them: no test or lint tools (--no-dev), and nothing that an
+# earlier `setup` installed is removed (--inexact), so `just test` afterwards installs nothing.
+[private]
+setup-runtime:
+    {{uv}} sync --all-packages --frozen --no-dev --inexact
+
 # Run the suite: the three services against RabbitMQ and Redis when both answer, else all in one process on the in-memory transport.
 [group('run')]
-dev: setup
-    {{uv}} run python scripts/dev.py
+dev: setup-runtime
+    {{uv}} run --no-sync python scripts/dev.py
 
 # Run the whole suite in one process on the in-memory transport (no brokers).
 [group('run')]
-dev-memory: setup
-    {{uv}} run realtime-dev
+dev-memory: setup-runtime
+    {{uv}} run --no-sync realtime-dev
 
 # Every test: unit, adapter contracts, end to end, fault injection and the deploy checks.
 [group('test')]
@@ -66,8 +72,8 @@ schema: setup
 
 # Send a WebSocket event and wait for it on SSE; prints the latency.
 [group('run')]
-probe *args: setup
-    {{uv}} run realtime-probe {{args}}
+probe *args: setup-runtime
+    {{uv}} run --no-sync realtime-probe {{args}}
 
 # Start the whole suite in containers (writes deploy/compose/.env with a fresh token on first use).
 [group('deploy')]

@@ -1,4 +1,4 @@
-"""The playground page in a real browser, against the real suite (contract section 7).
+"""The playground page in a real browser, against the real suite.
 
 Controls are found by their accessible names (Token, Board, Message, Connect, Send, the log),
 as a screen reader would find them. Each row of the log carries, per transport, whether the
@@ -73,6 +73,7 @@ async def test_the_page_is_served_with_the_suites_csp(playground: Playground) ->
         "sse_public_url": playground.gateway.url,
         "reconnect_initial_ms": 300,
         "reconnect_max_ms": 2000,
+        "development_token": None,  # outside development the page names no default
     }
 
 
@@ -262,8 +263,44 @@ async def test_a_wrong_token_gets_a_clear_message_and_no_retry_loop(
     for transport in ("#ws-status", "#sse-status"):
         await expect(page.locator(transport)).to_have_attribute("data-state", "refused")
 
+    # A new attempt drops the old refusal, even one that stops at a bad board id.
+    await connect(page, "no spaces allowed", token=TOKEN)
+    await expect(alert).to_contain_text("board id")
+    for transport in ("#ws-status", "#sse-status"):
+        await expect(page.locator(transport)).to_have_attribute("data-state", "idle")
+        await expect(page.locator(transport)).not_to_contain_text("refused")
+        await expect(page.locator(transport)).not_to_contain_text("token")
+
     # The right token then connects from the same page.
     await connect(page, "demo")
     await wait_open(page)
     await expect(alert).to_be_hidden()
     assert await windows.csp_violations("page") == []
+
+
+async def test_before_connecting_the_page_shows_no_figure_and_hints_the_default_token_in_development(
+    suite: Suite, windows: Windows
+) -> None:
+    playground = start_playground(suite, worker=False)  # ADVANCED_ENVIRONMENT=test
+    development = suite.start(
+        "ingress",
+        wait=False,
+        ADVANCED_ENVIRONMENT="development",
+        ADVANCED_REALTIME_TOKEN="change-me-realtime",
+    )
+    development.wait_ready(timeout=STARTUP_SECONDS)
+
+    page = await windows.open("page", playground.url)
+    await expect(page.get_by_role("log")).to_be_attached()
+    # No latency chip (a green "WS 12 ms") before anything was measured.
+    await expect(page.locator(".chip")).to_have_count(0)
+    await expect(page.locator("#token-hint")).to_have_text(re.compile("session storage"))
+    await expect(page.locator("#token-hint")).not_to_contain_text("change-me-realtime")
+
+    local = await windows.open("development", development.url)
+    await expect(local.locator("#token-hint")).to_contain_text(
+        "Development default: change-me-realtime"
+    )
+    await expect(local.locator(".chip")).to_have_count(0)
+    assert await windows.csp_violations("page") == []
+    assert await windows.csp_violations("development") == []

@@ -44,7 +44,8 @@ def test_spans_carry_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
             # socket first (as services/ingress-ws/tests do).
             ws.close(1000)
             deadline = time.monotonic() + 5
-            while "advanced_websocket_connections 0.0" not in client.get("/metrics").text:
+            idle = 'advanced_websocket_connections{service="ingress-ws"} 0.0'
+            while idle not in client.get("/metrics").text:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
         assert kinds == {"ack", "event"}

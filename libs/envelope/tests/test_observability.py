@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
 import subprocess
 import sys
 import textwrap
@@ -78,6 +81,66 @@ def test_log_lines_are_json_with_service_trace_and_no_secret() -> None:
     assert len(first["trace_id"]) == 32 and len(first["span_id"]) == 16
     assert second["service"] == "relay-worker" and second["logger"] == "uvicorn.access"
     assert "s3cret" not in done.stdout and "token=[redacted]" in second["event"]
+
+
+def run_logging(log_format: str, *, tty: bool = False) -> str:
+    """What a process that configured logging with `log_format` writes for two lines."""
+    script = textwrap.dedent(
+        f"""
+        import logging
+        from envelope.observability import configure_logging
+
+        configure_logging("ingress-ws", "info", {log_format!r})
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on %s", "http://127.0.0.1:8004",
+            extra={{"color_message": "Uvicorn running on \\x1b[1m%s\\x1b[0m"}},
+        )
+        logging.getLogger("uvicorn.access").info("GET /?token=s3cret HTTP/1.1 200")
+        """
+    )
+    if not tty:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout
+    leader, follower = pty.openpty()
+    try:
+        with subprocess.Popen([sys.executable, "-c", script], stdout=follower) as process:
+            os.close(follower)
+            output = b""
+            with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+                while chunk := os.read(leader, 4096):
+                    output += chunk
+            assert process.wait(timeout=60) == 0
+    finally:
+        os.close(leader)
+    return output.decode()
+
+
+def test_json_lines_carry_no_terminal_colour_codes() -> None:
+    # uvicorn's "running on" line comes with an ANSI-coloured `color_message` extra.
+    lines = [orjson.loads(line) for line in run_logging("json").splitlines()]
+    assert lines[0]["event"] == "Uvicorn running on http://127.0.0.1:8004"
+    assert all("\x1b" not in orjson.dumps(line).decode() for line in lines)
+    assert "color_message" not in lines[0]
+
+
+def test_console_format_is_text_for_a_person_with_secrets_redacted() -> None:
+    output = run_logging("console")
+    first, second = output.splitlines()
+    assert first.startswith("20") and not first.startswith("{")  # a timestamp, not JSON
+    assert "Uvicorn running on http://127.0.0.1:8004" in first and "[info" in first
+    assert "service=ingress-ws" in first and "color_message" not in output
+    assert "s3cret" not in output and "token=[redacted]" in second
+    assert "\x1b" not in output  # colours only on a terminal
+
+
+def test_auto_is_console_on_a_terminal_and_json_elsewhere() -> None:
+    on_terminal = run_logging("auto", tty=True)
+    assert "Uvicorn running on" in on_terminal and not on_terminal.lstrip().startswith("{")
+    assert "\x1b[" in on_terminal  # coloured for the person reading it
+    piped = run_logging("auto").splitlines()
+    assert orjson.loads(piped[0])["service"] == "ingress-ws"
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import uvicorn
 from dev_suite.__main__ import create_suite
+from ingress_ws.probe import parse_options
 from support.clients import board, sse
 
 TOKEN = "change-me-realtime"  # the development default the dev suite runs with
@@ -75,3 +76,57 @@ async def test_the_page_and_probes_are_served(base_url: str) -> None:
         ready = await http.get("/readyz")
     assert page.status_code == 200 and 'role="log"' in page.text
     assert ready.json()["status"] == "ready"
+
+
+async def test_readiness_reports_the_memory_transport_and_no_broker(base_url: str) -> None:
+    async with httpx.AsyncClient(base_url=f"http://{base_url}") as http:
+        ready = await http.get("/readyz")
+    body = ready.json()
+    assert ready.status_code == 200 and body["status"] == "ready"
+    assert body["transport"] == "memory"
+    # One entry per service, none claiming a broker connection the suite does not have.
+    assert set(body) == {"status", "transport", "ingress-ws", "sse-gateway", "relay-worker"}
+    assert "rabbitmq" not in ready.text and "redis" not in ready.text
+    assert body["relay-worker"] == {"relay_running": True}
+
+
+async def test_metrics_carry_every_services_series(base_url: str) -> None:
+    async with (
+        sse(f"http://{base_url}/sse/boards/metrics?token={TOKEN}") as stream,
+        board(f"ws://{base_url}/ws/boards/metrics?token={TOKEN}") as client,
+    ):
+        await client.send()
+        await client.next("ack")
+        await stream.next()
+
+    def has(metric: str, service: str) -> bool:
+        samples = [line for line in text.splitlines() if not line.startswith("#")]
+        return any(s.startswith(metric + "{") and f'service="{service}"' in s for s in samples)
+
+    async with httpx.AsyncClient(base_url=f"http://{base_url}") as http:
+        await http.get("/")
+        # The gateway counts the stream once it has seen the client go.
+        async with asyncio.timeout(5):
+            text = ""
+            while not has("advanced_http_requests_total", "sse-gateway"):
+                text = (await http.get("/metrics")).text
+    assert has("advanced_http_requests_total", "ingress-ws")  # the page
+    assert has("advanced_board_events_published_total", "ingress-ws")
+    assert has("advanced_sse_events_sent_total", "sse-gateway")
+    assert has("advanced_worker_events_total", "relay-worker")
+    # Each name once: families of the three registries are merged, not repeated.
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))
+
+
+async def test_the_probe_finds_the_sse_routes_on_the_suites_own_port(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `just probe` after `just dev` without brokers: no --sse-url needed.
+    monkeypatch.delenv("ADVANCED_SSE_PUBLIC_URL", raising=False)
+    port = base_url.rsplit(":", 1)[1]
+    options, _ = await asyncio.to_thread(parse_options, ["--ws-url", f"ws://{base_url}"])
+    assert options.sse_url == f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("ADVANCED_INGRESS_PORT", port)
+    options, _ = await asyncio.to_thread(parse_options, [])
+    assert options.sse_url == f"http://localhost:{port}"

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote_plus
 
 import orjson
@@ -122,12 +122,27 @@ def _add_trace_ids(
     return event_dict
 
 
-def configure_logging(service: str, level: str = "info") -> None:
-    """JSON lines on stdout for structlog and stdlib (uvicorn, aio-pika) alike, secrets redacted.
+LogFormat = Literal["auto", "json", "console"]
 
-    Every line carries `service`, and inside a traced event `trace_id` and `span_id`, so a log
-    search and a trace lookup lead to each other.
+
+def _drop_color_message(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # uvicorn passes a second, ANSI-coloured copy of some messages as `extra`; the plain
+    # `event` already says it, and escape codes have no place in a log line.
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+def configure_logging(service: str, level: str = "info", log_format: LogFormat = "auto") -> None:
+    """Log lines on stdout for structlog and stdlib (uvicorn, aio-pika) alike, secrets redacted.
+
+    `json` (one object per line, for collectors) or `console` (aligned, coloured text for a
+    person); `auto` is `console` when stdout is a terminal and `json` otherwise. Every line
+    carries `service`, and inside a traced event `trace_id` and `span_id`, so a log search and
+    a trace lookup lead to each other.
     """
+    console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
 
     def _add_service(
         _: Any, __: str, event_dict: MutableMapping[str, Any]
@@ -143,6 +158,7 @@ def configure_logging(service: str, level: str = "info") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
+        _drop_color_message,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_trace_ids,
     ]
@@ -156,9 +172,12 @@ def configure_logging(service: str, level: str = "info") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
+            # The console renderer formats tracebacks itself (and warns if they are text already).
+            *([] if console else [structlog.processors.format_exc_info]),
             _redact_event,
-            structlog.processors.JSONRenderer(),
+            structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+            if console
+            else structlog.processors.JSONRenderer(),
         ],
     )
     handler = logging.StreamHandler(sys.stdout)

@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 import redis.asyncio as redis
+import structlog
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -27,6 +28,7 @@ from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+log = structlog.get_logger("envelope.service")
 
 REDIS_HEALTH_CHECK_SECONDS = 5
 
@@ -67,7 +69,10 @@ def add_operations(
     """Mount the probes and metrics, instrument HTTP and add the security headers.
 
     `exempt` marks the probe routes as free of rate limits (slowapi's `Limiter.exempt`).
+    `app.state.readiness` and `app.state.registry` keep both, so the one-process development
+    suite can answer `/readyz` and `/metrics` for all three services at once.
     """
+    app.state.readiness, app.state.registry = readiness, registry
     probes = {"/healthz", "/readyz", settings.metrics_path}
     # The Host allowlist; probes and metrics stay open to any Host, since the kubelet and
     # Prometheus address a pod by its IP.
@@ -92,7 +97,11 @@ def add_operations(
     async def readyz() -> Response:
         flags = await readiness()
         ready = all(flags.values())
-        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", **flags}
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not_ready",
+            "transport": settings.event_transport,
+            **flags,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get(settings.metrics_path, include_in_schema=False)
@@ -124,27 +133,32 @@ Drain = Callable[[], Awaitable[None]]
 
 class DrainingServer(uvicorn.Server):
     """SIGTERM is an orchestrator's normal stop: drain (close sockets with 1001), then let
-    uvicorn finish in-flight requests, and exit 0 rather than re-raising the signal.
+    uvicorn finish in-flight requests, and exit 0 rather than re-raising the signal. A first
+    Ctrl-C (SIGINT) does the same, so a terminal sees a clean stop, not a KeyboardInterrupt
+    traceback; a second one is uvicorn's forced exit.
 
     Once started, the objects of start-up are frozen out of the garbage collector's scans."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain | None) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain | None, ready: str = "") -> None:
         super().__init__(config)
         self._drain = drain
+        self._ready = ready
         self._draining: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started and self._ready:  # not when the port was taken: uvicorn exits then
+            log.info(self._ready)
         # What exists now (modules, app, broker connections) lives as long as the process:
         # moved out of the collector's sight, a full collection stops scanning ~90,000 objects
         # (31 ms on a slow core, a spike on every stream of the process).
         gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig != signal.SIGTERM:
-            super().handle_exit(sig, frame)
-        elif self._draining is None:
+        if self._draining is None and sig in (signal.SIGTERM, signal.SIGINT):
             self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit())
+        elif sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)  # a second Ctrl-C: force the exit
 
     async def _drain_then_exit(self) -> None:
         try:
@@ -154,10 +168,29 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def local_url(settings: SuiteSettings, port: int) -> str:
+    """Where a person on this machine reaches a service bound to `ADVANCED_HOST`."""
+    host = settings.host
+    if host in {"127.0.0.1", "0.0.0.0", "::", "::1", ""}:
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def serve(
-    app: Any, settings: SuiteSettings, port: int, drain: Drain | None = None, **options: Any
+    app: Any,
+    settings: SuiteSettings,
+    port: int,
+    drain: Drain | None = None,
+    ready: str = "ready: listening on {url}",
+    **options: Any,
 ) -> None:
-    """Run one service process: uvloop and httptools where available, logs left to structlog."""
+    """Run one service process: uvloop and httptools where available, logs left to structlog.
+
+    Once the port is bound, `ready` (with `{url}` filled in) is logged: the line that tells a
+    person where to go.
+    """
     # uvicorn has no deadline for a request's head: without one, slow clients hold sockets.
     options.setdefault("http", hardened_http_protocol(settings.http_request_timeout_seconds))
     config = uvicorn.Config(
@@ -171,7 +204,7 @@ def serve(
         server_header=False,
         **options,
     )
-    DrainingServer(config, drain).run()
+    DrainingServer(config, drain, ready.format(url=local_url(settings, port))).run()
 
 
 async def keep_trying(connect: Callable[[], Awaitable[None]], what: str, log: Any) -> None:

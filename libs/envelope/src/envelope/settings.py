@@ -32,6 +32,8 @@ class SuiteSettings(BaseSettings):
     environment: Literal["development", "test", "staging", "production"] = "development"
     host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: readable text on a terminal, JSON lines otherwise (collectors, files, containers).
+    log_format: Literal["auto", "json", "console"] = "auto"
     forwarded_allow_ips: str = "127.0.0.1"
     # How long a client may take to send a request's head and body (uvicorn sets no limit).
     http_request_timeout_seconds: float = Field(default=10, gt=0)

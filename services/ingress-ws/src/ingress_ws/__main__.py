@@ -11,7 +11,7 @@ from ingress_ws.settings import IngressSettings
 
 def main() -> None:
     settings = load_settings(IngressSettings)
-    configure_logging("ingress-ws", settings.log_level)
+    configure_logging("ingress-ws", settings.log_level, settings.log_format)
     configure_tracing(settings, "ingress-ws")
     app = create_app(settings)
     serve(
@@ -19,6 +19,7 @@ def main() -> None:
         settings,
         settings.ingress_port,
         drain=app.state.drain,
+        ready="ready: open {url} (the playground; WebSocket at /ws/boards/{{board_id}})",
         # A frame over the payload limit plus envelope overhead is cut with 1009.
         ws_max_size=settings.max_payload_bytes + 4096,
         # Off: compression lets a small frame inflate past the size limit's intent, costs CPU

@@ -30,6 +30,7 @@ from envelope.security import (
     websocket_origin_allowed,
 )
 from envelope.service import add_operations, keep_trying, redis_client
+from envelope.settings import DEFAULT_TOKEN
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -201,6 +202,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         runtime = holder.get("runtime")
         rabbit = runtime is not None and runtime.publisher.ready
         redis_ok = runtime is not None and runtime.hub.connected.is_set()
+        if settings.event_transport == "memory":
+            return {"event_pipeline_ready": rabbit and redis_ok}  # no broker to speak of
         return {
             "event_pipeline_ready": rabbit and redis_ok,
             "rabbitmq_connected": rabbit,
@@ -215,8 +218,19 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
 
     @app.get("/playground/config.json", include_in_schema=False)
     async def playground_config(request: Request) -> dict[str, object]:
+        sse_url = settings.sse_public_url
+        if sse_url is None:
+            # The page's own host name, so a session cookie set here is sent there too.
+            host = request.url.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            sse_url = f"{request.url.scheme}://{host}:{settings.sse_port}"
         return {
-            "sse_public_url": settings.sse_public_url,
+            "sse_public_url": sse_url,
+            # The page hints at the documented default only where it is accepted.
+            "development_token": DEFAULT_TOKEN
+            if settings.environment == "development"
+            and settings.realtime_token.get_secret_value() == DEFAULT_TOKEN
+            else None,
             "reconnect_initial_ms": settings.reconnect_initial_ms,
             "reconnect_max_ms": settings.reconnect_max_ms,
         }

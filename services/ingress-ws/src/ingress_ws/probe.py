@@ -58,7 +58,8 @@ class ProbeSettings(BaseSettings):
 
     realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
     ingress_port: int = 8004
-    sse_public_url: str = "http://localhost:8005"
+    sse_port: int = 8005
+    sse_public_url: str | None = None  # empty: the SSE routes are on the ingress's port
 
 
 class ProbeError(Exception):
@@ -559,6 +560,31 @@ def _base_url(text: str, schemes: dict[str, str], what: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
+def sse_default(settings: ProbeSettings, ws_url: str, timeout: float) -> str:
+    """`--sse-url` unless given: ADVANCED_SSE_PUBLIC_URL, else where the ingress's own page
+    looks for the gateway (so the in-memory suite, which serves `/sse/` on the ingress's port,
+    needs no flag), else http://localhost:ADVANCED_SSE_PORT."""
+    if settings.sse_public_url is not None:
+        return settings.sse_public_url or http_base(ws_url)
+    fallback = f"http://localhost:{settings.sse_port}"
+    try:
+        answer = httpx.get(f"{http_base(ws_url)}/playground/config.json", timeout=min(timeout, 3))
+        configured = answer.json().get("sse_public_url") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return fallback  # the probe then reports the ingress or the gateway as unreachable
+    if not isinstance(configured, str):
+        return fallback
+    return configured or http_base(ws_url)
+
+
+def http_base(ws_url: str) -> str:
+    """The ingress's HTTP base URL for its WebSocket base URL (already checked)."""
+    parts = urlsplit(ws_url)
+    return urlunsplit(
+        ({"ws": "http", "wss": "https"}[parts.scheme], parts.netloc, parts.path, "", "")
+    )
+
+
 def build_parser(settings: ProbeSettings) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="realtime-probe",
@@ -575,8 +601,9 @@ def build_parser(settings: ProbeSettings) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sse-url",
-        default=settings.sse_public_url or f"http://localhost:{settings.ingress_port}",
-        help="the SSE gateway's base URL (default: ADVANCED_SSE_PUBLIC_URL, %(default)s)",
+        default=None,
+        help="the SSE gateway's base URL (default: ADVANCED_SSE_PUBLIC_URL, else where the "
+        "ingress's page finds it, else http://localhost:ADVANCED_SSE_PORT)",
     )
     parser.add_argument(
         "--board",
@@ -629,11 +656,13 @@ def parse_options(argv: Sequence[str] | None) -> tuple[ProbeOptions, bool]:
         token = os.environ.get(args.token_env, "")
         if not token:
             raise ProbeError(EXIT_UNKNOWN, f"--token-env names {args.token_env}, which is not set.")
+    ws_url = _base_url(
+        args.ws_url, {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}, "--ws-url"
+    )
+    sse_url = args.sse_url or sse_default(settings, ws_url, args.timeout)
     options = ProbeOptions(
-        ws_url=_base_url(
-            args.ws_url, {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}, "--ws-url"
-        ),
-        sse_url=_base_url(args.sse_url, {"http": "http", "https": "https"}, "--sse-url"),
+        ws_url=ws_url,
+        sse_url=_base_url(sse_url, {"http": "http", "https": "https"}, "--sse-url"),
         board=args.board,
         token=token,
         count=args.count,

@@ -36,7 +36,10 @@ class IngressSettings(SuiteSettings):
     # None: Secure outside development (browsers treat http://localhost as secure anyway).
     session_cookie_secure: bool | None = None
     session_cookie_domain: str | None = None
-    sse_public_url: str = "http://localhost:8005"
+    # Where browsers reach the SSE gateway; unset: this host at ADVANCED_SSE_PORT (the port the
+    # gateway listens on), so moving the gateway's port moves the page with it.
+    sse_public_url: str | None = None
+    sse_port: int = 8005
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
 

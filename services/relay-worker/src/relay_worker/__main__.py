@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
-    configure_logging("relay-worker", settings.log_level)
+    configure_logging("relay-worker", settings.log_level, settings.log_format)
     configure_tracing(settings, "relay-worker")
-    serve(build_worker(settings), settings, settings.worker_port)
+    serve(
+        build_worker(settings),
+        settings,
+        settings.worker_port,
+        ready="ready: relay-worker on {url} (/healthz, /readyz, /metrics)",
+    )
 
 
 if __name__ == "__main__":

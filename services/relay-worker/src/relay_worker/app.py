@@ -13,6 +13,7 @@ import aio_pika
 import redis.asyncio as redis
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from envelope.memory import MemoryTransport
 from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
@@ -41,6 +42,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
     registry = CollectorRegistry()
     metrics = RelayMetrics(registry)
     runtime = WorkerRuntime()
+    memory_relay: list[asyncio.Task[None]] = []  # the relay loop of the in-memory transport
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +53,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
                 task = asyncio.create_task(
                     consume_memory(transport.broker, relay, settings.rabbitmq_retry_delay_ms / 1000)
                 )
+                memory_relay.append(task)
                 yield
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -98,11 +101,14 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
             async def connect() -> None:
                 # A name per process, so an operator (or a fault test) can tell workers apart.
-                connection = await aio_pika.connect_robust(
-                    settings.rabbitmq_url.get_secret_value(),
+                connection = aio_pika.RobustConnection(
+                    make_url(settings.rabbitmq_url.get_secret_value()),
                     client_properties={"connection_name": f"relay-worker {worker_id}"},
                 )
                 try:
+                    # Inside the try: a stop during the first attempt must close it, or
+                    # aio-pika's reconnect task survives the cancellation (aio-pika #414).
+                    await connection.connect()
                     async with connection.channel() as channel:
                         await declare_topology(
                             channel, settings.topology, settings.rabbitmq_retry_delay_ms
@@ -153,7 +159,8 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
     async def readiness() -> dict[str, bool]:
         if settings.event_transport == "memory":
-            return {"rabbitmq_connected": True, "redis_connected": True, "relay_flowing": True}
+            # No brokers to speak of: the relay loop over the in-memory queue is the pipeline.
+            return {"relay_running": any(not task.done() for task in memory_relay)}
         connection = runtime.connection
         # A robust connection is not "closed" while it reconnects; `connected` says whether
         # it is up right now.

@@ -111,7 +111,10 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
 
     async def readiness() -> dict[str, bool]:
         hub = hubs.get("hub")
-        return {"redis_connected": hub is not None and hub.connected.is_set()}
+        connected = hub is not None and hub.connected.is_set()
+        if settings.event_transport == "memory":
+            return {"event_feed_connected": connected}  # no Redis to speak of
+        return {"redis_connected": connected}
 
     add_operations(app, settings, registry, readiness, exempt=limiter.exempt)
 

@@ -10,6 +10,7 @@ import socket
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from envelope.models import BoardEventEnvelope
 from envelope.topology import Topology
@@ -33,12 +34,16 @@ class RabbitPublisher:
         self._exchange: AbstractExchange | None = None
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self._url,
+        # Kept before connecting: a stop during the first attempt must be able to close it,
+        # or aio-pika's reconnect task survives the cancellation (aio-pika #414) and the
+        # process never exits (seen when uvicorn cannot bind its port).
+        self._connection = aio_pika.RobustConnection(
+            make_url(self._url),
             client_properties={
                 "connection_name": f"ingress-ws {socket.gethostname()} pid {os.getpid()}"
             },
         )
+        await self._connection.connect()
         # Confirms tell us the broker has the message; mandatory + on_return_raises turn an
         # unroutable publish (no queue bound yet) into an error instead of a silent drop.
         self._channel = await self._connection.channel(

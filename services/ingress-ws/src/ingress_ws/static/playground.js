@@ -7,7 +7,12 @@ import { EventLog } from "./eventlog.js";
 const BOARD_ID = /^[A-Za-z0-9_.-]{1,64}$/;
 const TOKEN_KEY = "playground.token"; // sessionStorage: this tab (and windows it opens) only
 const BOARD_KEY = "playground.board";
-const DEFAULTS = { sse_public_url: "", reconnect_initial_ms: 500, reconnect_max_ms: 15000 };
+const DEFAULTS = {
+  sse_public_url: "",
+  reconnect_initial_ms: 500,
+  reconnect_max_ms: 15000,
+  development_token: null,
+};
 
 const $ = (id) => document.getElementById(id);
 const NO_CURSOR = { after: 0, epoch: null };
@@ -126,6 +131,11 @@ class TransportStatus {
     this.timer = null;
   }
 
+  /** Back to "not connected", dropping what an earlier attempt said (a refused token). */
+  reset() {
+    this.show({ state: "idle", lastSequence: 0, detail: "" });
+  }
+
   show(status) {
     clearInterval(this.timer);
     this.item.dataset.state = status.state;
@@ -192,6 +202,10 @@ class Playground {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     $("ws-endpoint").textContent = `${scheme}://${location.host}/ws/boards/{board}`;
     $("sse-endpoint").textContent = `${this.gateway.href}sse/boards/{board}`;
+    if (this.config.development_token) {
+      $("token-hint").textContent =
+        `Development default: ${this.config.development_token}. Kept in this tab only (session storage).`;
+    }
 
     $("connect-form").addEventListener("submit", (event) => {
       event.preventDefault();
@@ -212,6 +226,11 @@ class Playground {
     const token = $("token").value.trim();
     const board = $("board").value.trim();
     this.hideNotice();
+    if (!this.socket) {
+      // A new attempt: what the last one said (a refused token) no longer applies.
+      this.wsStatus.reset();
+      this.sseStatus.reset();
+    }
     if (!token) {
       this.showNotice("Paste the realtime token (ADVANCED_REALTIME_TOKEN) into Token first.");
       $("token").focus();
