@@ -43,6 +43,14 @@ unit: setup
 e2e: setup
     {{uv}} run pytest tests/e2e -m e2e
 
+# The end-to-end tests on brokers that testcontainers starts, from the images in ADVANCED_TEST_RABBITMQ_IMAGE / ADVANCED_TEST_REDIS_IMAGE (CI: its stand-ins); fails if no engine answers at DOCKER_HOST.
+[group('test')]
+e2e-testcontainers: setup
+    # No Ryuk (its image comes from a registry); docker_host mode, since this may itself run
+    # in a container whose engine publishes ports on localhost.
+    ADVANCED_TEST_BROKERS=testcontainers TESTCONTAINERS_RYUK_DISABLED=true \
+    TESTCONTAINERS_CONNECTION_MODE=docker_host {{uv}} run pytest tests/e2e -m e2e
+
 # Fault-injection tests: kill -9, Redis restarts, cut RabbitMQ connections, poison messages.
 [group('test')]
 chaos: setup

@@ -3,11 +3,18 @@
 With a Docker engine, testcontainers starts both; without one, the brokers at
 ADVANCED_RABBITMQ_URL / ADVANCED_REDIS_URL (defaults: the local ones) are used. Either way
 the mode is printed, and no reachable broker is a failure, never a skip.
+
+`ADVANCED_TEST_BROKERS=testcontainers` (or `configured`) insists on one mode: a run meant for
+testcontainers fails when no engine answers rather than quietly using the configured brokers.
+`ADVANCED_TEST_RABBITMQ_IMAGE` and `ADVANCED_TEST_REDIS_IMAGE` name the images testcontainers
+starts (defaults: the registry's `rabbitmq:3.13-management` and `redis:7`); CI, which reaches no
+registry, points them at stand-ins it builds (scripts/containers/stand-ins.sh).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +28,8 @@ import redis
 
 DEFAULT_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/2"
+RABBITMQ_IMAGE = "rabbitmq:3.13-management"
+REDIS_IMAGE = "redis:7"
 
 
 @dataclass(frozen=True)
@@ -50,19 +59,31 @@ def _answers(url: str, port: int) -> bool:
 
 @contextlib.contextmanager
 def provide_brokers(rabbitmq_url: str | None, redis_url: str | None) -> Iterator[Brokers]:
-    if docker_engine_answers():
-        from testcontainers.rabbitmq import RabbitMqContainer
-        from testcontainers.redis import RedisContainer
+    wanted = os.environ.get("ADVANCED_TEST_BROKERS", "auto")
+    if wanted not in ("auto", "testcontainers", "configured"):
+        raise RuntimeError(
+            f"ADVANCED_TEST_BROKERS={wanted!r}: use auto, testcontainers or configured."
+        )
+    engine = wanted != "configured" and docker_engine_answers()
+    if wanted == "testcontainers" and not engine:
+        raise RuntimeError(
+            "ADVANCED_TEST_BROKERS=testcontainers but no Docker engine answers `docker info` "
+            "(check DOCKER_HOST)."
+        )
+    if engine:
+        # The community modules: the top-level `testcontainers.rabbitmq` and `.redis` are
+        # deprecated aliases, and their warning is an error here.
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+        from testcontainers.community.redis import RedisContainer
 
-        with (
-            RabbitMqContainer("rabbitmq:3.13-management") as rabbit,
-            RedisContainer("redis:7") as red,
-        ):
+        rabbitmq_image = os.environ.get("ADVANCED_TEST_RABBITMQ_IMAGE", RABBITMQ_IMAGE)
+        redis_image = os.environ.get("ADVANCED_TEST_REDIS_IMAGE", REDIS_IMAGE)
+        with RabbitMqContainer(rabbitmq_image) as rabbit, RedisContainer(redis_image) as red:
             params = rabbit.get_connection_params()
             yield Brokers(
                 f"amqp://guest:guest@{params.host}:{params.port}/",
                 f"redis://{red.get_container_host_ip()}:{red.get_exposed_port(6379)}/0",
-                "testcontainers (Docker engine answered)",
+                f"testcontainers ({rabbitmq_image}, {redis_image})",
             )
         return
     rabbitmq_url = rabbitmq_url or DEFAULT_RABBITMQ
