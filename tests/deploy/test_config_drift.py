@@ -48,6 +48,7 @@ DOCUMENTED_METRICS = {
     "advanced_worker_events_total",
     "advanced_worker_processing_duration_seconds",
     "advanced_worker_queue_depth",
+    "advanced_worker_partitions_paused",
     "advanced_delivery_latency_seconds",
     "up",
     "probe_success",
