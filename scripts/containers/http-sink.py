@@ -4,6 +4,7 @@ It gives the compose file's health checks and the services' OTLP exporter a peer
 nothing about dashboards or traces.  Usage: http-sink PORT [PORT...]
 """
 
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,11 +22,13 @@ class Sink(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = _answer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # a sink: nothing to say per request
 
 
 def main() -> None:
+    # PID 1 ignores SIGTERM unless it handles it: exit at once on `docker stop`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     servers = [ThreadingHTTPServer(("0.0.0.0", int(port)), Sink) for port in sys.argv[1:]]
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
