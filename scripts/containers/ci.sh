@@ -46,6 +46,11 @@ cleanup() {
       log "nothing of project $project left (containers, volumes, networks)"
     fi
   fi
+  if scripts/containers/engine.sh started; then
+    # A run from scratch: the root filesystem it debootstrapped goes too.
+    local rootfs=${REALTIME_CI_ROOTFS:-/var/tmp/rootfs-bookworm}
+    [[ ! -f $rootfs/.made-by-realtime-ci ]] || rm -rf "$rootfs"
+  fi
   scripts/containers/engine.sh stop || code=1
   log "total $((SECONDS - began)) s, exit $code"
   exit "$code"

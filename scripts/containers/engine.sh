@@ -5,6 +5,7 @@
 #
 #   scripts/containers/engine.sh start   # installs docker.io if needed; starts dockerd unless one answers
 #   scripts/containers/engine.sh stop    # stops it and removes its data, only if `start` started it
+#   scripts/containers/engine.sh started # exit 0 when the running engine is one `start` started
 #
 # Use it with DOCKER_HOST=unix:///run/ci-docker.sock (REALTIME_CI_DOCKER_HOST overrides).
 set -euo pipefail
@@ -21,9 +22,9 @@ exec_root=/run/$name
 pidfile=/run/$name.pid
 marker=/run/$name.started-by-ci  # present only while an engine that `start` started runs
 engine_log=/run/$name.log
-# Extra dockerd flags, e.g. to run a second engine beside another one:
-# "--bridge=none --default-address-pool base=10.213.0.0/16,size=24".
-read -r -a extra_args <<<"${REALTIME_CI_DOCKERD_ARGS:-}"
+# One engine per machine: dockerd owns the docker0 bridge and the DOCKER iptables chains
+# (a second one with --bridge=none deletes docker0; with --iptables=false its containers have
+# no embedded DNS, so compose's service names do not resolve).
 
 answers() { DOCKER_HOST=$REALTIME_CI_DOCKER_HOST docker info >/dev/null 2>&1; }
 
@@ -39,7 +40,7 @@ start() {
   log "starting dockerd on $REALTIME_CI_DOCKER_HOST (data root $data_root, log $engine_log)"
   touch "$marker"
   setsid dockerd -H "$REALTIME_CI_DOCKER_HOST" --data-root "$data_root" --exec-root "$exec_root" \
-    --pidfile "$pidfile" "${extra_args[@]}" >"$engine_log" 2>&1 </dev/null &
+    --pidfile "$pidfile" >"$engine_log" 2>&1 </dev/null &
   for _ in $(seq 1 60); do
     answers && { log "dockerd answers"; return; }
     kill -0 $! 2>/dev/null || { tail -20 "$engine_log" >&2; die "dockerd exited at start (log above)"; }
@@ -79,5 +80,6 @@ stop() {
 case ${1:-} in
   start) start ;;
   stop) stop ;;
-  *) die "usage: engine.sh start|stop" ;;
+  started) [[ -f $marker ]] ;;
+  *) die "usage: engine.sh start|stop|started" ;;
 esac

@@ -53,6 +53,8 @@ if ! have_image "$base"; then
     rm -rf "$rootfs"
     timed "debootstrap bookworm into $rootfs" \
       debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
+    # ci.sh removes a root filesystem it made, when it also started the engine.
+    touch "$rootfs/.made-by-realtime-ci"
   fi
   timed "import $base" bash -c "tar -C '$rootfs' -c . | docker import - '$base' >/dev/null"
 fi

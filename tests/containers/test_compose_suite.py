@@ -296,7 +296,11 @@ async def test_three_workers_and_kills_lose_and_duplicate_nothing(stack: Stack) 
         for sender in senders:
             await sender.__aexit__(None, None, None)
 
-    verdicts = ledger.verdicts()
+    # Sequences are checked, not the order against the sender's: the ingress, back before its
+    # RabbitMQ connection is, refuses some frames `unavailable` (not published, as the contract
+    # says) while it accepts later ones of the same window, and the sender resends the refused
+    # ones after them. A board's sequence follows the order the ingress published in.
+    verdicts = ledger.verdicts(check_order=False)
     report(
         "compose: 3 workers, docker kill of a worker and of the ingress, 2,000 events",
         ledger,
