@@ -31,13 +31,16 @@ LOG_NAME=stand-ins
 # shellcheck source=scripts/containers/lib.sh
 source "$root/scripts/containers/lib.sh"
 
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
 docker info >/dev/null 2>&1 || die "no container engine answers (DOCKER_HOST=${DOCKER_HOST:-unset}); start one with scripts/containers/engine.sh start"
 
 # Builds <tag> from a Dockerfile on stdin, with the host's network (a build on a bridge has
 # none when the engine runs with --iptables=false) and a context directory (default: empty).
 build() {  # tag [context]
   local tag=$1 context=${2:-}
-  if [[ -z $context ]]; then context=$(mktemp -d); fi
+  if [[ -z $context ]]; then context=$(mktemp -d -p "$work"); fi
   DOCKER_BUILDKIT=1 docker build --quiet --network host -t "$tag" -f - "$context" >/dev/null
 }
 
@@ -49,7 +52,7 @@ if ! have_image "$base"; then
   # debootstrap removes <rootfs>/debootstrap when it finishes: its presence means a cut-off run.
   if [[ ! -x $rootfs/usr/bin/apt-get || -d $rootfs/debootstrap ]]; then
     command -v debootstrap >/dev/null \
-      || { log "installing debootstrap"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null; }
+      || { log "installing debootstrap"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null; }
     rm -rf "$rootfs"
     timed "debootstrap bookworm into $rootfs" \
       debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
@@ -75,7 +78,7 @@ build_python() {
   # The machine's extra CA certificates (a TLS-intercepting proxy) let a `uv sync` inside a build
   # reach PyPI. They live in this CI-only base and nowhere in the project's files.
   local ctx
-  ctx=$(mktemp -d)
+  ctx=$(mktemp -d -p "$work")
   mkdir "$ctx/ca"
   if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$ctx/ca/"
@@ -95,7 +98,7 @@ DOCKERFILE
 build_uv() {
   # The binary of PyPI's wheel is the one the uv image carries at /uv.
   local ctx
-  ctx=$(mktemp -d)
+  ctx=$(mktemp -d -p "$work")
   uv pip install --quiet --no-deps --target "$ctx/wheel" "uv==$uv_version"
   cp "$ctx/wheel/bin/uv" "$ctx/uv"
   rm -rf "$ctx/wheel"
@@ -131,7 +134,9 @@ RUN rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_prometheus >/
 ENV RABBITMQ_LOGS=- HOME=/var/lib/rabbitmq
 USER rabbitmq
 EXPOSE 5672 15672 15692
-CMD ["rabbitmq-server"]
+# The server script itself (Debian's /usr/sbin wrapper sends the logs to a file and, as
+# PID 1, leaves SIGTERM unhandled: docker stop then waits for its timeout).
+CMD ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
 DOCKERFILE
 }
 
@@ -163,7 +168,7 @@ DOCKERFILE
 build_sink() {  # name ports...
   local name=$1 ctx
   shift
-  ctx=$(mktemp -d)
+  ctx=$(mktemp -d -p "$work")
   cp "$root/scripts/containers/http-sink.py" "$ctx/"
   local ports
   ports=$(printf '"%s", ' "$@")
