@@ -191,7 +191,7 @@ def test_prometheus_scrapes_all_three_services() -> None:
     wait_until(
         "Prometheus targets up for ingress-ws, sse-gateway and relay-worker",
         lambda: all(h and set(h) == {"up"} for h in scraped_up(jobs).values()) or None,
-        timeout=60,
+        timeout=90,  # a scrape every 10 s, DNS discovery every 15 s
     )
 
 
