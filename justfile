@@ -100,6 +100,11 @@ up:
 down:
     docker compose -f deploy/compose/compose.yaml down
 
+# The images built and the whole suite under compose on a private engine (CI; about 3-5 min, root): scripts/containers/ci.sh.
+[group('deploy')]
+containers: setup
+    bash scripts/containers/ci.sh
+
 # Offline checks: hadolint, compose config, kustomize + kubernetes-validate, uv lock --check.
 [group('check')]
 lint-deploy:
