@@ -3,7 +3,8 @@
 # started with compose, then used through its published ports.
 #
 #   1. an engine on its own socket (engine.sh: started here only when none answers);
-#   2. the stand-in base images (stand-ins.sh: no registry is reachable from CI);
+#   2. the stand-in base images (stand-ins.sh: no registry is reachable from CI), then
+#      `just e2e-testcontainers`: the end-to-end tests on brokers testcontainers starts from them;
 #   3. the three service images, built from their Dockerfiles with the stand-ins as build args;
 #   4. `docker compose up --detach --wait` with deploy/compose/compose.ci.yaml (image names only);
 #   5. pytest -m containers (tests/containers): the images' properties, probe, page, /readyz,
@@ -59,6 +60,11 @@ trap cleanup EXIT
 
 scripts/containers/engine.sh start
 timed "stand-in base images" scripts/containers/stand-ins.sh
+
+# The end-to-end tests once more, on brokers that testcontainers starts on this engine from the
+# stand-ins (the steps before CI's containers ran them against the configured brokers).
+ADVANCED_TEST_RABBITMQ_IMAGE="$ci/rabbitmq:3.10" ADVANCED_TEST_REDIS_IMAGE="$ci/redis:7.0" \
+  timed "just e2e-testcontainers" just e2e-testcontainers
 
 build_service() {  # service: its Dockerfile, the stand-ins as build arguments
   # --network host: with a bridge, a build reaches PyPI only if the engine manages iptables.
