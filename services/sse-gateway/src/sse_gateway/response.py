@@ -190,11 +190,7 @@ class EventStreamResponse(Response):
                 self._last_beat = loop.time()
                 self._arm(loop)
                 try:
-                    # A page at a time: the next is read from Redis only once the client
-                    # took this one, so a stalled client holds one page, not the history.
-                    async with contextlib.aclosing(self._feed.replay()) as chunks:
-                        async for chunk in chunks:
-                            await self._write(write, chunk, loop)
+                    await self._replay(write, loop)
                     await self._pump(write, subscription, loop)
                 finally:
                     _count_if_cut(
@@ -216,6 +212,14 @@ class EventStreamResponse(Response):
             self._watcher.cancel()
             gauge.dec()
             self._registry.discard(self)
+
+    async def _replay(self, write: Send, loop: asyncio.AbstractEventLoop) -> None:
+        """A page at a time: the next is read from Redis only once the client took this one,
+        so a stalled client holds one page, not the history. In a call of its own, so that
+        the spent generator is not kept for the rest of the stream's life."""
+        async with contextlib.aclosing(self._feed.replay()) as chunks:
+            async for chunk in chunks:
+                await self._write(write, chunk, loop)
 
     async def _pump(
         self, write: Send, subscription: Subscription[bytes], loop: asyncio.AbstractEventLoop
