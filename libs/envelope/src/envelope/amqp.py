@@ -6,6 +6,7 @@ Needs the `amqp` extra (aio-pika).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,26 +91,34 @@ class QueueTypeMismatch(Exception):
     """A queue the suite declares exists with the other queue type: the service must stop."""
 
 
+# What the queue type changes in the suite's declarations: RabbitMQ's 406 names the first
+# argument that differs, which for a queue of the other type may be any of these.
+_TYPE_ARGUMENTS = re.compile(
+    r"inequivalent arg '(x-queue-type|x-dead-letter-strategy|x-overflow|x-delivery-limit)'"
+)
+
+
 async def declare_queue(
     channel: AbstractChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:
     """A durable queue with `arguments`; one of the other type is a `QueueTypeMismatch`.
 
-    RabbitMQ answers a redeclaration with another `x-queue-type` with 406 PRECONDITION_FAILED
-    ("inequivalent arg 'x-queue-type'") and closes the channel: turned here into what the
-    operator has to do. Other inequivalent arguments raise as RabbitMQ said them.
+    RabbitMQ answers a redeclaration with other arguments with 406 PRECONDITION_FAILED
+    ("inequivalent arg ...") and closes the channel: when the argument is one the queue type
+    decides, that is turned here into what the operator has to do. Other inequivalent
+    arguments raise as RabbitMQ said them.
     """
     try:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
     except ChannelPreconditionFailed as exc:
-        if "x-queue-type" not in str(exc):
+        if not _TYPE_ARGUMENTS.search(str(exc)):
             raise
         wanted = arguments.get("x-queue-type", "classic")
-        other = "classic" if wanted == "quorum" else "quorum"
         raise QueueTypeMismatch(
-            f"RabbitMQ queue {name!r} exists as a {other} queue, and "
-            f"ADVANCED_RABBITMQ_QUEUE_TYPE={wanted}: a queue's type cannot change. Give the "
-            "suite new names (ADVANCED_RABBITMQ_EXCHANGE, _QUEUE, _RETRY_QUEUE, _DLQ_QUEUE), "
-            "drain the old queues, then delete them (docs/operations.md, 'Changing the queue "
-            "type'), or set ADVANCED_RABBITMQ_QUEUE_TYPE back."
+            f"RabbitMQ queue {name!r} exists with another queue type than "
+            f"ADVANCED_RABBITMQ_QUEUE_TYPE={wanted} ({_TYPE_ARGUMENTS.search(str(exc))[0]}), "
+            "and a queue's type cannot change. Give the suite new names "
+            "(ADVANCED_RABBITMQ_EXCHANGE, _QUEUE, _RETRY_QUEUE, _DLQ_QUEUE), drain the old "
+            "queues, then delete them (docs/operations.md, 'Changing the queue type'); or set "
+            "ADVANCED_RABBITMQ_QUEUE_TYPE back."
         ) from exc
