@@ -83,7 +83,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 
 def _cpu_sample(target: Deployment) -> Callable[[], Sample]:
-    brokers = _brokers()
+    brokers = target.broker_processes() or _brokers()
 
     def sample() -> Sample:
         values = {name: p.cpu_seconds() for name, p in target.processes.items()}

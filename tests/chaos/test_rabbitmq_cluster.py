@@ -163,14 +163,19 @@ async def flow_through_a_node_fault(
             nodes = [await rabbitmq_node(p) for p in processes]
             return all(n is not None and n != victim.address for n in nodes)
 
+        async def watch() -> str:
+            await wait_for(moved, 60, "every process ready on another node")
+            return f"every process ready on another node at {time.monotonic() - started:.1f}s"
+
         events.append(f"{victim.name} down at {await at(FAULT_AT)}")
         await asyncio.to_thread(take_down, victim)
+        events.append(f"down (stop returned) at {time.monotonic() - started:.1f}s")
         # Watched beside the traffic and the restart: neither waits for the other.
-        watch = asyncio.create_task(wait_for(moved, 60, "every process ready on another node"))
+        watching = asyncio.create_task(watch())
         events.append(f"restarted at {await at(RESTART_AT)}")
         await asyncio.to_thread(cluster.restart, victim)
-        await watch
-        events.append(f"every process ready on another node by {time.monotonic() - started:.1f}s")
+        events.append(f"restart done at {time.monotonic() - started:.1f}s")
+        events.append(await watching)
         nodes_after = [await rabbitmq_node(p) for p in processes]
         new_leaders = await leaders_moved_off(cluster, victim, partition_queues(suite))
         await asyncio.gather(*sending)
