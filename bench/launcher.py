@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -29,6 +30,18 @@ REDIS_URL = os.environ.get("ADVANCED_REDIS_URL", "redis://127.0.0.1:6379/2")
 LOG_DIR = Path("bench/results/tmp/logs")
 UNLIMITED = "1000000/second"
 PUBLISHER_MAX_RATE = 2000  # messages per second on one publishing WebSocket
+
+
+def listening_process(url: str) -> psutil.Process | None:
+    """The process listening on the port of `url` (a broker), if this user may see it."""
+    port = urlsplit(url.split(",")[0]).port
+    try:
+        for connection in psutil.net_connections("tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                return psutil.Process(connection.pid) if connection.pid else None
+    except psutil.Error:
+        return None
+    return None
 
 
 def free_port() -> int:
@@ -307,10 +320,9 @@ class QuorumSuiteDeployment(SuiteDeployment):
             pid = node.beam_pid()
             if pid is not None:
                 found[f"rabbitmq-{node.name.partition('-')[0]}"] = psutil.Process(pid)
-        for process in psutil.process_iter(["name", "cmdline"]):
-            cmdline = " ".join(process.info["cmdline"] or [])
-            if process.info["name"] == "redis-server" and ":6379" in cmdline:
-                found["redis"] = process
+        redis = listening_process(REDIS_URL)
+        if redis is not None:
+            found["redis"] = redis
         return found
 
 

@@ -547,10 +547,16 @@ class PrivateRedis:
 
 
 def listen(
-    ledger: Ledger, ingress: Service, gateway: Service, boards: list[str]
+    ledger: Ledger, ingress: Service | list[Service], gateway: Service, boards: list[str]
 ) -> list[asyncio.Task[None]]:
+    """A WebSocket and an SSE listener per board, and one on /sse/activity. Given several
+    ingress replicas, board i's WebSocket listener goes to replica i modulo their number."""
+    replicas = ingress if isinstance(ingress, list) else [ingress]
     tasks = [
-        asyncio.create_task(ws_subscriber(ledger, f"ws:{b}", ws_url(ingress, b), b)) for b in boards
+        asyncio.create_task(
+            ws_subscriber(ledger, f"ws:{b}", ws_url(replicas[i % len(replicas)], b), b)
+        )
+        for i, b in enumerate(boards)
     ]
     tasks += [
         asyncio.create_task(

@@ -24,17 +24,16 @@ import redis.asyncio as redis
 from chaos.harness import (
     Ledger,
     Sender,
+    listen,
     metric,
     relay_worker_cli,
     report,
     scrape,
-    sse_activity_url,
     sse_board_url,
     sse_subscriber,
     start_all,
     stop_tasks,
     wait_for,
-    ws_subscriber,
     ws_url,
 )
 from envelope.amqp import connect_nodes
@@ -101,7 +100,8 @@ async def start_on_cluster(
     suite: Suite, cluster: RabbitCluster, workers: int, ingresses: int
 ) -> tuple[list[Service], list[Service], Service]:
     """The first worker declares every queue through node 1, so node 1 leads them all
-    (client-local leader placement); every other process starts on another node."""
+    (client-local leader placement). Worker n and ingress n are given the node list starting
+    at node n + 1: the two replicas of each are on different nodes."""
     first = suite.start("worker", wait=False, ADVANCED_RABBITMQ_URL=cluster.urls(0), **QUORUM)
     await start_all([first])
     more = [
@@ -129,19 +129,8 @@ async def flow_through_a_node_fault(
     nodes_before = [await rabbitmq_node(p) for p in processes]
 
     ledger = Ledger()
-    listeners = [
-        asyncio.create_task(ws_subscriber(ledger, f"ws:{b}", ws_url(ingresses[(i + 1) % 2], b), b))
-        for i, b in enumerate(BOARDS)
-    ]
-    listeners += [
-        asyncio.create_task(
-            sse_subscriber(ledger, f"sse:{b}", sse_board_url(gateway, b), frozenset({b}))
-        )
-        for b in BOARDS
-    ]
-    listeners.append(
-        asyncio.create_task(sse_subscriber(ledger, "sse:activity", sse_activity_url(gateway), None))
-    )
+    # Each board's WebSocket listener on the replica its sender is not on.
+    listeners = listen(ledger, [ingresses[1], ingresses[0]], gateway, BOARDS)
     senders = [Sender(ledger, ws_url(ingresses[i % 2], b), b) for i, b in enumerate(BOARDS)]
     events: list[str] = []
     for sender in senders:

@@ -111,12 +111,13 @@ async def declare_queue(
     try:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
     except ChannelPreconditionFailed as exc:
-        if not _TYPE_ARGUMENTS.search(str(exc)):
+        differs = _TYPE_ARGUMENTS.search(str(exc))
+        if differs is None:
             raise
         wanted = arguments.get("x-queue-type", "classic")
         raise QueueTypeMismatch(
             f"RabbitMQ queue {name!r} exists with another queue type than "
-            f"ADVANCED_RABBITMQ_QUEUE_TYPE={wanted} ({_TYPE_ARGUMENTS.search(str(exc))[0]}), "
+            f"ADVANCED_RABBITMQ_QUEUE_TYPE={wanted} ({differs[0]}), "
             "and a queue's type cannot change. Give the suite new names "
             "(ADVANCED_RABBITMQ_EXCHANGE, _QUEUE, _RETRY_QUEUE, _DLQ_QUEUE), drain the old "
             "queues, then delete them (docs/operations.md, 'Changing the queue type'); or set "
