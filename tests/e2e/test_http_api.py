@@ -22,6 +22,7 @@ from envelope.api import HistoryPage, PublishAccepted, PublishBatchReply
 from envelope.models import ErrorFrame
 from support.brokers import Brokers
 from support.clients import BoardClient, SseStream, board, sse
+from support.otlp import OtlpReceiver, ReceivedSpan
 from support.processes import Service, Suite
 from support.proxy import TcpProxy
 
@@ -284,3 +285,48 @@ async def test_history_reads_what_a_websocket_resume_reads(suite: Suite) -> None
     async with board(f"{ingress.ws_url}/ws/boards/{board_id}?token={TOKEN}&after=1") as client:
         resumed = [await client.next("event") for _ in range(3)]
     assert [e["event_id"] for e in page["events"]] == [e["event_id"] for e in resumed]
+
+
+async def test_an_http_publish_is_traced_like_a_frame_within_the_callers_trace(
+    suite: Suite,
+) -> None:
+    receiver = OtlpReceiver().start()
+    try:
+        tracing = {
+            "ADVANCED_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        suite.start("worker", **tracing)
+        ingress = suite.start("ingress", **tracing)
+        caller_trace = uuid.uuid4().hex
+        traceparent = f"00-{caller_trace}-{uuid.uuid4().hex[:16]}-01"
+        async with (
+            board(f"{ingress.ws_url}/ws/boards/traced-http?token={TOKEN}") as client,
+            httpx.AsyncClient(timeout=30) as http,
+        ):
+            response = await http.post(
+                events_url(ingress, "traced-http"),
+                json=message(0),
+                headers=BEARER | {"Idempotency-Key": "traced-1", "traceparent": traceparent},
+            )
+            assert response.status_code == 202, response.text
+            await client.next("event")
+
+        def whole(spans: list[ReceivedSpan]) -> bool:
+            names = {(s.service, s.name) for s in spans if s.trace_id == caller_trace}
+            return {
+                ("ingress-ws", "receive board event"),
+                ("ingress-ws", "publish board event"),
+                ("relay-worker", "relay board event"),
+                ("ingress-ws", "deliver board event"),
+            } <= names
+
+        spans = await receiver.wait_for(whole, what="the HTTP event's whole trace")
+    finally:
+        receiver.stop()
+    in_trace = {s.name: s for s in spans if s.trace_id == caller_trace}
+    received = in_trace["receive board event"]
+    assert received.attributes["board.event.transport"] == "http"
+    assert received.attributes["messaging.message.conversation_id"] == "traced-1"
+    # The worker's span hangs off the ingress's publish: the context went in the envelope.
+    assert in_trace["relay board event"].parent_span_id == in_trace["publish board event"].span_id
