@@ -105,14 +105,19 @@ class PublishRate:
         self._shared = MovingWindowRateLimiter(storage)
         self._fallback = MovingWindowRateLimiter(MemoryStorage())
         self._limit = limit
+        self._storage_failing = False
 
     async def take(self, key: str, wanted: int) -> tuple[int, int]:
         """How many of `wanted` events may go now, and the seconds until more may."""
         try:
-            return await self._take(self._shared, key, wanted)
+            taken = await self._take(self._shared, key, wanted)
         except StorageError as exc:
-            log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
+            if not self._storage_failing:  # once per outage, not once per request
+                log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
+            self._storage_failing = True
             return await self._take(self._fallback, key, wanted)
+        self._storage_failing = False
+        return taken
 
     async def _take(
         self, limiter: MovingWindowRateLimiter, key: str, wanted: int

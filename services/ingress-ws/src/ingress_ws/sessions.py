@@ -29,7 +29,6 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -39,7 +38,6 @@ from ingress_ws.publishing import TRANSPORTS, publish_board_event
 from ingress_ws.settings import IngressSettings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
-tracer = trace.get_tracer("ingress_ws")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
