@@ -111,8 +111,15 @@ class AckFrame(_Wire):
 
 class ErrorFrame(_Wire):
     kind: Literal["error"] = "error"
+    # `unauthorized` and `forbidden` answer HTTP API requests only (401, 403): a WebSocket
+    # is closed with 4401 or 4403 instead.
     code: Literal[
-        "invalid_message", "payload_too_large", "rate_limited", "unavailable", "forbidden"
+        "invalid_message",
+        "payload_too_large",
+        "rate_limited",
+        "unavailable",
+        "forbidden",
+        "unauthorized",
     ]
     message: str
     correlation_id: str | None = None

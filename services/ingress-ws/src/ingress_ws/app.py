@@ -47,6 +47,7 @@ from starlette.routing import WebSocketRoute
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.admission import HandshakeRate, SocketSlots, credential_key
+from ingress_ws.http_api import PublishRate, add_http_api
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, MemoryPublisher, PresenceStore
 from ingress_ws.sessions import (
@@ -195,7 +196,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         allow_origins=settings.allowed_origins,
         allow_credentials=True,  # POST /session from a listed page sets the session cookie
         allow_methods=["GET", "POST", "DELETE"],
-        allow_headers=["Authorization", "Content-Type"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        expose_headers=["Retry-After"],
     )
 
     async def readiness() -> dict[str, bool]:
@@ -211,6 +213,12 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         }
 
     add_operations(app, settings, registry, readiness, exempt=limiter.exempt)
+    publish_rate = PublishRate(
+        rate_limit_storage(settings), parse(settings.http_publish_rate_limit)
+    )
+    add_http_api(
+        app, settings, authenticator, lambda: holder["runtime"], publish_rate, exempt=limiter.exempt
+    )
 
     @app.get("/", include_in_schema=False)
     async def playground(request: Request) -> FileResponse:

@@ -40,10 +40,13 @@ class IngressSettings(SuiteSettings):
     # gateway listens on), so moving the gateway's port moves the page with it.
     sse_public_url: str | None = None
     sse_port: int = 8005
+    # Events published over the HTTP API per credential (a JWT's subject; the shared token per
+    # client address), across replicas: a batch counts each of its events.
+    http_publish_rate_limit: str = "100/second"
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
 
-    @field_validator("websocket_resume_rate_limit")
+    @field_validator("websocket_resume_rate_limit", "http_publish_rate_limit")
     @classmethod
     def _a_rate_limit(cls, value: str) -> str:
         try:
