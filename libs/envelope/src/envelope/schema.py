@@ -19,6 +19,9 @@ from envelope.models import (
     BoardMessage,
     ErrorFrame,
     EventFrame,
+    ExpiringFrame,
+    RefreshedFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
 )
@@ -32,6 +35,9 @@ MODELS: dict[str, type[BaseModel]] = {
     "event-frame": EventFrame,
     "error-frame": ErrorFrame,
     "reset-frame": ResetFrame,
+    "refresh-request": RefreshRequest,
+    "refreshed-frame": RefreshedFrame,
+    "expiring-frame": ExpiringFrame,
 }
 
 

@@ -13,7 +13,6 @@ import orjson
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
-from envelope.auth import Principal
 from envelope.codec import InvalidFrame, RelayedEvent
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
@@ -22,6 +21,7 @@ from envelope.models import (
     BoardEventEnvelope,
     BoardMessage,
     ErrorFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
     utcnow,
@@ -35,11 +35,12 @@ from limits.errors import StorageError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher, PublishUnavailable
+from ingress_ws.refresh import CredentialLease
 from ingress_ws.settings import IngressSettings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
@@ -190,11 +191,11 @@ class IngressRuntime:
 
 class BoardSocket:
     def __init__(
-        self, websocket: WebSocket, board_id: str, principal: Principal, runtime: IngressRuntime
+        self, websocket: WebSocket, board_id: str, lease: CredentialLease, runtime: IngressRuntime
     ) -> None:
         self.websocket = websocket
         self.board_id = board_id
-        self.principal = principal
+        self.lease = lease  # the credential, replaced by `refresh` frames (ingress_ws.refresh)
         self.runtime = runtime
         self.sender = uuid.uuid4().hex
         self._send_lock = asyncio.Lock()
@@ -231,9 +232,8 @@ class BoardSocket:
                 # A writer stuck in a send to a client that stopped reading would never see
                 # the overflow: it is cut off there.
                 subscription.on_overflow = writer.cancel
-                tasks = [asyncio.create_task(self._read()), writer]
-                if self.principal.expires_at is not None:
-                    tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
+                expiry = asyncio.create_task(self.lease.watch(self._send, self.close))
+                tasks = [asyncio.create_task(self._read()), writer, expiry]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     if subscription.overflowed:
@@ -346,6 +346,10 @@ class BoardSocket:
                 if self._subscription is not None:
                     self._subscription.wake()  # the writer takes it up between batches
                 continue
+            if isinstance(frame, RefreshRequest):
+                if not await self.lease.refresh(frame.token, self._send, self.close):
+                    return
+                continue
             await self._in_flight.acquire()
             task = asyncio.create_task(self._publish(frame, time.perf_counter()))
             self._publishes.add(task)
@@ -402,7 +406,7 @@ class BoardSocket:
                         sender=self.sender,
                         occurred_at=utcnow(),
                         trace_context=inject_trace_context(),
-                        idempotency_scope=self.principal.idempotency_scope,
+                        idempotency_scope=self.lease.principal.idempotency_scope,
                     )
                     body = codec.dumps(envelope)
                 except (ValidationError, orjson.JSONEncodeError) as exc:
@@ -485,10 +489,6 @@ class BoardSocket:
                     self._last_sequence = event.sequence
                     written(event)
 
-    async def _expire(self, expires_at: float) -> None:
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
-        await self.close(CLOSE_UNAUTHORISED, "token expired")
-
     async def _refuse(self, error: InvalidFrame) -> None:
         self.runtime.metrics.frames.labels(error.code).inc()
         await self._send(
@@ -501,7 +501,7 @@ class BoardSocket:
             )
         )
 
-    async def _send(self, frame: AckFrame | ErrorFrame) -> None:
+    async def _send(self, frame: BaseModel) -> None:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(frame).decode())
