@@ -94,6 +94,8 @@ async def test_a_live_socket_is_closed_when_its_token_expires(ingress: Service) 
             {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "websocket"},
             4403,
         ),  # browser, Origin stripped
+        ({"Sec-Fetch-Dest": "websocket"}, 4403),  # browser, Origin stripped
+        ({"Sec-Fetch-Mode": "websocket"}, None),  # Node's WebSocket (undici): no Origin
     ],
 )
 async def test_the_origin_allowlist_is_exact(

@@ -1,7 +1,14 @@
-// The two transports of one board: a WebSocket to the ingress and an EventSource to the SSE
-// gateway. Each keeps its own cursor (the last `sequence` it delivered), reconnects with
+// The two transports of one board: a WebSocket to the ingress and an event stream from the
+// SSE gateway. Each keeps its own cursor (the last `sequence` it delivered), reconnects with
 // exponential back-off and resumes after that cursor, so a reconnect never loses or repeats
-// an event.
+// an event. They run in browsers and in Node: the WebSocket and EventSource constructors can
+// be injected, and without an EventSource the stream is read with fetch() (event-source.js).
+// The playground uses these classes directly; `RealtimeClient` (realtime.js) builds on them.
+
+import { FetchEventSource } from "./event-source.js";
+
+const WS_OPEN = 1; // WebSocket.OPEN, also for an injected constructor without the constants
+const ERROR_WITHOUT_CLOSE_MS = 1000;
 
 /** Exponential back-off with jitter (ADVANCED_RECONNECT_INITIAL_MS .. _MAX_MS). */
 export class Backoff {
@@ -34,6 +41,7 @@ const STABLE_AFTER_MS = 5000;
 const REPLAY_WINDOW_MS = 3000;
 
 /** Close codes that no retry can fix: the user has to change the token or the board. */
+
 const WS_FATAL = {
   4401: "The token was refused",
   4403: "Access denied",
@@ -52,6 +60,38 @@ const WS_CLOSE_REASONS = {
   4401: "the credential expired",
   4408: "this window fell behind (slow consumer)",
 };
+
+/**
+ * The board's WebSocket URL on the ingress at `base` (http(s) or ws(s)). `token` null: no
+ * `?token=` (the session cookie is the credential). `after`/`epoch`: the cursor to resume
+ * after, the last event's `sequence` and the board's `epoch` it counts in.
+ */
+export function socketUrl(base, board, token, { after, epoch }) {
+  const url = new URL(`ws/boards/${encodeURIComponent(board)}`, withSlash(base));
+  url.protocol = url.protocol === "https:" || url.protocol === "wss:" ? "wss:" : "ws:";
+  if (token) url.searchParams.set("token", token);
+  if (after > 0) {
+    url.searchParams.set("after", String(after));
+    if (epoch) url.searchParams.set("epoch", epoch);
+  }
+  return url.toString();
+}
+
+/** The board's stream URL on the gateway at `base`; its `Last-Event-ID` form is
+ *  `<sequence>.<epoch>`, sent as `?last_event_id=` (an EventSource cannot set the header). */
+export function streamUrl(base, board, token, { after, epoch }) {
+  const url = new URL(`sse/boards/${encodeURIComponent(board)}`, withSlash(base));
+  if (token) url.searchParams.set("token", token);
+  if (after > 0) url.searchParams.set("last_event_id", epoch ? `${after}.${epoch}` : String(after));
+  return url.toString();
+}
+
+/** `base` as a URL whose path ends in "/", so a path prefix (a proxy's) is kept. */
+function withSlash(base) {
+  const url = new URL(base);
+  if (!url.pathname.endsWith("/")) url.pathname += "/";
+  return url;
+}
 
 /** Milliseconds since the epoch of an RFC 3339 time; tolerant of microseconds. */
 export function parseTime(value) {
@@ -88,7 +128,33 @@ class BoardTransport {
   start() {
     this.stopped = false;
     this.backoff.reset();
-    this.connect();
+    this.open();
+  }
+
+  /** Connect, after `handlers.beforeConnect()` (which may fetch a fresh credential) settles. */
+  open() {
+    const prepare = this.handlers.beforeConnect;
+    if (!prepare) {
+      this.connect();
+      return;
+    }
+    Promise.resolve()
+      .then(() => prepare(this))
+      .then(
+        () => {
+          if (!this.stopped) this.connect();
+        },
+        (error) => this.retry(`no credential to connect with (${error?.message ?? error})`),
+      );
+  }
+
+  /** Close and connect again at once (no back-off), resuming after the cursor: for a new
+   *  credential on a transport that cannot change it in place. */
+  reconnect() {
+    if (this.stopped) return;
+    clearTimeout(this.retryTimer);
+    this.disconnect();
+    this.open();
   }
 
   stop(state = "idle", detail = "") {
@@ -157,7 +223,7 @@ class BoardTransport {
     });
     clearTimeout(this.retryTimer);
     this.retryTimer = setTimeout(() => {
-      if (!this.stopped) this.connect();
+      if (!this.stopped) this.open();
     }, delay);
   }
 
@@ -191,7 +257,7 @@ class BoardTransport {
     }
     if (replayed) {
       this.replayed += 1;
-      this.resumeNotice?.update(
+      this.resumeNotice?.update?.(
         `${this.reconnected()}: resumed after #${this.resumedFrom}, ` +
           `${this.replayed} missed event${this.replayed === 1 ? "" : "s"} delivered.`,
       );
@@ -232,28 +298,36 @@ class BoardTransport {
   }
 }
 
-/** The WebSocket to the ingress: sends the board's messages, receives every event. */
+/**
+ * The WebSocket to the ingress: sends the board's messages, receives every event.
+ * `handlers` also takes onAck(frame), onError(frame), onExpiring(frame), onRefreshed(frame),
+ * onPresence(frame). `options.WebSocket`: the constructor (default: the global one).
+ */
 export class SocketTransport extends BoardTransport {
-  constructor(urlFor, backoff, handlers) {
+  constructor(urlFor, backoff, handlers, { WebSocket: WebSocketImpl } = {}) {
     super("WebSocket", backoff, handlers);
     this.urlFor = urlFor;
     this.socket = null;
+    this.WebSocketImpl = WebSocketImpl ?? globalThis.WebSocket;
   }
 
   get isOpen() {
-    return this.socket !== null && this.socket.readyState === WebSocket.OPEN;
+    return this.socket !== null && this.socket.readyState === WS_OPEN;
   }
 
   connect() {
     this.report("connecting", { attempt: this.backoff.attempt });
-    const socket = new WebSocket(this.urlFor(this.cursor));
+    const socket = new this.WebSocketImpl(this.urlFor(this.cursor));
     this.socket = socket;
     socket.addEventListener("open", () => {
+      if (this.socket !== socket) return;
       this.opened();
       this.handlers.onOpen?.();
     });
-    socket.addEventListener("message", (message) => this.receive(message.data));
-    socket.addEventListener("close", (closed) => {
+    socket.addEventListener("message", (message) => {
+      if (this.socket === socket) this.receive(message.data);
+    });
+    const onClose = (closed) => {
       if (this.socket !== socket) return;
       this.socket = null;
       if (this.stopped) return;
@@ -269,19 +343,34 @@ export class SocketTransport extends BoardTransport {
       }
       const why = WS_CLOSE_REASONS[closed.code] ?? `closed with code ${closed.code}`;
       this.retry(why);
+    };
+    socket.addEventListener("close", onClose);
+    socket.addEventListener("error", () => {
+      // Browsers follow "error" with "close". Node 20's WebSocket (undici) reports a refused
+      // connection with "error" alone and stays CONNECTING for ever: when no "close" came,
+      // take it as the 1006 it should have been.
+      setTimeout(() => {
+        if (socket.readyState !== WS_OPEN) onClose({ code: 1006, reason: "" });
+      }, ERROR_WITHOUT_CLOSE_MS);
     });
   }
 
   disconnect() {
     const socket = this.socket;
     this.socket = null;
-    if (socket && socket.readyState <= WebSocket.OPEN) socket.close(1000, "client disconnect");
+    if (socket && socket.readyState <= WS_OPEN) socket.close(1000, "client disconnect");
   }
 
   send(frame) {
     if (!this.isOpen) return false;
     this.socket.send(JSON.stringify(frame));
     return true;
+  }
+
+  /** Replace the open socket's credential (contract 13); answered by a `refreshed` frame, or
+   *  the socket is closed (4401, 4403). False when the socket is not open. */
+  refresh(token) {
+    return this.send({ kind: "refresh", token });
   }
 
   receive(data) {
@@ -305,26 +394,49 @@ export class SocketTransport extends BoardTransport {
       case "reset":
         this.resetReceived(frame);
         break;
+      case "expiring":
+        this.handlers.onExpiring?.(frame);
+        break;
+      case "refreshed":
+        this.handlers.onRefreshed?.(frame);
+        break;
+      case "presence":
+        this.handlers.onPresence?.(frame);
+        break;
       default:
         break; // a newer server's frame kind: ignored, as the contract asks of readers
     }
   }
 }
 
-/** The EventSource to the SSE gateway: a read-only stream of the same board. */
+/**
+ * The event stream from the SSE gateway: a read-only stream of the same board.
+ * `handlers` also takes onPresence(presence) and onClose(reason).
+ * Options: `withCredentials` sends the session cookie (also to a gateway on another port);
+ * `EventSource`, the constructor (default: the global one, else `FetchEventSource`);
+ * `headersFor()`, request headers for each attempt (only `FetchEventSource` can send them).
+ */
 export class StreamTransport extends BoardTransport {
-  /** `withCredentials`: send the session cookie (also to a gateway on another port). */
-  constructor(urlFor, backoff, handlers, { withCredentials = false } = {}) {
+  constructor(
+    urlFor,
+    backoff,
+    handlers,
+    { withCredentials = false, EventSource: EventSourceImpl, headersFor } = {},
+  ) {
     super("SSE", backoff, handlers);
     this.urlFor = urlFor;
     this.withCredentials = withCredentials;
+    this.EventSourceImpl = EventSourceImpl ?? globalThis.EventSource ?? FetchEventSource;
+    this.headersFor = headersFor;
     this.source = null;
   }
 
   connect() {
     this.report("connecting", { attempt: this.backoff.attempt });
     const url = this.urlFor(this.cursor);
-    const source = new EventSource(url, { withCredentials: this.withCredentials });
+    const init = { withCredentials: this.withCredentials };
+    if (this.headersFor) init.headers = this.headersFor();
+    const source = new this.EventSourceImpl(url, init);
     this.source = source;
     let opened = false;
     source.addEventListener("open", () => {
@@ -349,8 +461,26 @@ export class StreamTransport extends BoardTransport {
       }
       this.resetReceived(reset);
     });
-    source.addEventListener("close", () => {
-      this.handlers.onNotice("SSE: the gateway cut this stream (slow consumer); resuming.", "info");
+    source.addEventListener("presence", (message) => {
+      try {
+        this.handlers.onPresence?.(JSON.parse(message.data));
+      } catch {
+        // not JSON: nothing to show
+      }
+    });
+    source.addEventListener("close", (message) => {
+      let reason = "slow_consumer";
+      try {
+        reason = JSON.parse(message.data).reason ?? reason;
+      } catch {
+        // an older gateway's close carries no reason: it was a slow consumer
+      }
+      this.handlers.onClose?.(reason);
+      const why =
+        reason === "token_expired"
+          ? "the stream's credential expired"
+          : "the gateway cut this stream (slow consumer)";
+      this.handlers.onNotice(`SSE: ${why}; resuming.`, "info");
     });
     source.addEventListener("error", () => {
       if (this.source !== source) return;
@@ -361,6 +491,8 @@ export class StreamTransport extends BoardTransport {
       if (this.stopped) return;
       if (opened) {
         this.retry("the stream ended");
+      } else if (source.status) {
+        this.refused(source.status, url); // FetchEventSource knows the status already
       } else {
         this.diagnose(url);
       }
@@ -389,8 +521,14 @@ export class StreamTransport extends BoardTransport {
     } finally {
       abort.abort(); // a 200 would otherwise stay open as a second stream
     }
+    this.refused(status, url);
+  }
+
+  /** What the status of a stream that did not open means: stop, or retry and say why. */
+  refused(status, url) {
     if (this.stopped) return;
     const origin = new URL(url).origin;
+    const page = globalThis.location?.origin ?? "this origin";
     switch (status) {
       case 401:
         this.fatal("The token was refused (SSE gateway answered 401)");
@@ -409,7 +547,7 @@ export class StreamTransport extends BoardTransport {
             ? `cannot reach ${origin}`
             : `cannot reach ${origin}: check that the gateway runs, that ` +
                 `ADVANCED_SSE_PUBLIC_URL points at it and that its ADVANCED_ALLOWED_ORIGINS ` +
-                `lists ${location.origin}`,
+                `lists ${page}`,
         );
         return;
       case 429:
