@@ -123,7 +123,7 @@ def run_node_tests(suite: Suite | None, test_file: str) -> None:
     output = done.stdout + done.stderr
     print(output)  # the spec reporter's lines, in pytest's captured output
     assert done.returncode == 0, f"node --test {test_file} failed:\n{output[-6000:]}"
-    assert re.search(r"^ℹ pass [1-9]", output, re.M), f"no Node test passed:\n{output[-2000:]}"
+    assert re.search(r"^\u2139 pass [1-9]", output, re.M), f"no Node test passed:\n{output[-2000:]}"
 
 
 @pytest.mark.timeout(120)
