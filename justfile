@@ -76,7 +76,7 @@ lint: setup
 # Copy the client module (clients/js) into the ingress's static files, which serve and ship it.
 [group('check')]
 client-copy:
-    cp clients/js/realtime.js clients/js/transports.js clients/js/event-source.js services/ingress-ws/src/ingress_ws/static/
+    cp clients/js/realtime.js clients/js/transports.js clients/js/transport-base.js clients/js/event-source.js services/ingress-ws/src/ingress_ws/static/
 
 # Rewrite the envelope's JSON Schema from the models.
 [group('check')]

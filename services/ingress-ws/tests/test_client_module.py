@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 CLIENT = Path(__file__).parents[3] / "clients" / "js"
 STATIC = Path(ingress_ws.__file__).parent / "static"
-MODULES = ("realtime.js", "transports.js", "event-source.js")
+MODULES = ("realtime.js", "transports.js", "transport-base.js", "event-source.js")
 
 
 def test_the_served_modules_are_the_client_modules() -> None:
