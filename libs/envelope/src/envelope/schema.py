@@ -20,6 +20,9 @@ from envelope.models import (
     BoardMessage,
     ErrorFrame,
     EventFrame,
+    ExpiringFrame,
+    RefreshedFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
 )
@@ -33,6 +36,9 @@ MODELS: dict[str, type[BaseModel]] = {
     "event-frame": EventFrame,
     "error-frame": ErrorFrame,
     "reset-frame": ResetFrame,
+    "refresh-request": RefreshRequest,
+    "refreshed-frame": RefreshedFrame,
+    "expiring-frame": ExpiringFrame,
     # The HTTP API's bodies (a refusal's body is the error frame).
     "publish-accepted": PublishAccepted,
     "publish-batch-request": PublishBatchRequest,

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
-from envelope.auth import Principal
 from envelope.codec import InvalidFrame, RelayedEvent
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
     AckFrame,
     BoardMessage,
     ErrorFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
 )
@@ -30,11 +30,13 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import BoardPresence
 from ingress_ws.publisher import EventPublisher
 from ingress_ws.publishing import TRANSPORTS, publish_board_event
+from ingress_ws.refresh import CredentialLease
 from ingress_ws.settings import IngressSettings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
@@ -187,11 +189,11 @@ class IngressRuntime:
 
 class BoardSocket:
     def __init__(
-        self, websocket: WebSocket, board_id: str, principal: Principal, runtime: IngressRuntime
+        self, websocket: WebSocket, board_id: str, lease: CredentialLease, runtime: IngressRuntime
     ) -> None:
         self.websocket = websocket
         self.board_id = board_id
-        self.principal = principal
+        self.lease = lease  # the credential, replaced by `refresh` frames (ingress_ws.refresh)
         self.runtime = runtime
         self.sender = uuid.uuid4().hex
         self._send_lock = asyncio.Lock()
@@ -228,9 +230,8 @@ class BoardSocket:
                 # A writer stuck in a send to a client that stopped reading would never see
                 # the overflow: it is cut off there.
                 subscription.on_overflow = writer.cancel
-                tasks = [asyncio.create_task(self._read()), writer]
-                if self.principal.expires_at is not None:
-                    tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
+                expiry = asyncio.create_task(self.lease.watch(self._send, self.close))
+                tasks = [asyncio.create_task(self._read()), writer, expiry]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     if subscription.overflowed:
@@ -343,6 +344,10 @@ class BoardSocket:
                 if self._subscription is not None:
                     self._subscription.wake()  # the writer takes it up between batches
                 continue
+            if isinstance(frame, RefreshRequest):
+                if not await self.lease.refresh(frame.token, self._send, self.close):
+                    return
+                continue
             await self._in_flight.acquire()
             task = asyncio.create_task(self._publish(frame, time.perf_counter()))
             self._publishes.add(task)
@@ -378,7 +383,7 @@ class BoardSocket:
             message,
             correlation_id=correlation_id,
             sender=self.sender,
-            idempotency_scope=self.principal.idempotency_scope,
+            idempotency_scope=self.lease.principal.idempotency_scope,
             started=started,
             transport="websocket",
             parent=otel_context.Context(),
@@ -419,10 +424,6 @@ class BoardSocket:
                     self._last_sequence = event.sequence
                     written(event)
 
-    async def _expire(self, expires_at: float) -> None:
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
-        await self.close(CLOSE_UNAUTHORISED, "token expired")
-
     async def _refuse(self, error: InvalidFrame) -> None:
         self.runtime.metrics.frames.labels(error.code).inc()
         await self._send(
@@ -435,7 +436,7 @@ class BoardSocket:
             )
         )
 
-    async def _send(self, frame: AckFrame | ErrorFrame) -> None:
+    async def _send(self, frame: BaseModel) -> None:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(frame).decode())

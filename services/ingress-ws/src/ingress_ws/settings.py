@@ -32,6 +32,9 @@ class IngressSettings(SuiteSettings):
     websocket_write_stall_seconds: float = Field(default=30, gt=0)
     # Refuse handshakes without an Origin header (no scripts or websocat then).
     websocket_require_origin: bool = False
+    # An `expiring` frame goes out this long before a socket's credential expires, so the
+    # client can send a `refresh` frame in time (contract section 13).
+    auth_refresh_warning_seconds: float = Field(default=30, ge=0)
     session_ttl_seconds: int = Field(default=3600, ge=60)
     # None: Secure outside development (browsers treat http://localhost as secure anyway).
     session_cookie_secure: bool | None = None
