@@ -120,6 +120,12 @@ lint-deploy:
 bench *args: setup
     {{uv}} run --group bench python -m bench --profile {{args}}
 
+# Latency and max rate on a private three-node RabbitMQ cluster with quorum queues beside the
+# single shared node (classic queues): bench/results/<date>-quorum.{json,md,png}.
+[group('bench')]
+bench-quorum *args: setup
+    {{uv}} run --group bench python -m bench --targets suite,suite-quorum --scenarios latency,max_rate --name "$(date +%F)-quorum" {{args}}
+
 # A smoke run of every scenario (about 4 min), into bench/results/tmp/.
 [group('bench')]
 bench-quick *args: setup

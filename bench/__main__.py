@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)}",
     )
-    parser.add_argument("--targets", default="baseline,suite", help="baseline,suite or one")
+    parser.add_argument(
+        "--targets",
+        default="baseline,suite",
+        help="comma-separated: baseline, suite, suite-quorum (the suite on a private "
+        "three-node RabbitMQ cluster with quorum queues)",
+    )
     parser.add_argument("--repeats", type=int, help="override the repeats of every scenario")
     parser.add_argument("--idle-connections", type=int, help="override the idle scenario's N")
     parser.add_argument("--latency-seconds", type=float, help="override scenario (a)'s length")

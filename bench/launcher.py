@@ -7,15 +7,19 @@ never sees, nor disturbs, another engineer's traffic on the shared RabbitMQ and 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -26,6 +30,18 @@ REDIS_URL = os.environ.get("ADVANCED_REDIS_URL", "redis://127.0.0.1:6379/2")
 LOG_DIR = Path("bench/results/tmp/logs")
 UNLIMITED = "1000000/second"
 PUBLISHER_MAX_RATE = 2000  # messages per second on one publishing WebSocket
+
+
+def listening_process(url: str) -> psutil.Process | None:
+    """The process listening on the port of `url` (a broker), if this user may see it."""
+    port = urlsplit(url.split(",")[0]).port
+    try:
+        for connection in psutil.net_connections("tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                return psutil.Process(connection.pid) if connection.pid else None
+    except psutil.Error:
+        return None
+    return None
 
 
 def free_port() -> int:
@@ -112,6 +128,10 @@ class Deployment:
     def start(self) -> None:
         raise NotImplementedError
 
+    def broker_processes(self) -> dict[str, psutil.Process] | None:
+        """The RabbitMQ and Redis processes this target uses, when they are its own."""
+        return None
+
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
@@ -135,13 +155,14 @@ class SuiteDeployment(Deployment):
     ingress = "ingress-ws"
     gateway = "sse-gateway"
 
-    def __init__(self, partitions: int = 8) -> None:
+    def __init__(self, partitions: int = 8, rabbitmq_url: str = RABBITMQ_URL) -> None:
         self.tag = "bench" + uuid.uuid4().hex[:10]
         self.partitions = partitions
+        self.rabbitmq_url = rabbitmq_url
         env = {
             "ADVANCED_ENVIRONMENT": "test",
             "ADVANCED_REALTIME_TOKEN": TOKEN,
-            "ADVANCED_RABBITMQ_URL": RABBITMQ_URL,
+            "ADVANCED_RABBITMQ_URL": rabbitmq_url,
             "ADVANCED_REDIS_URL": REDIS_URL,
             "ADVANCED_EVENT_TRANSPORT": "rabbitmq",
             "ADVANCED_LOG_LEVEL": "warning",
@@ -198,7 +219,7 @@ class SuiteDeployment(Deployment):
         import aio_pika
         import redis.asyncio as redis
 
-        connection = await aio_pika.connect(RABBITMQ_URL)
+        connection = await aio_pika.connect(self.rabbitmq_url.split(",")[0])
         async with connection:
             channel = await connection.channel()
             queues = [f"{self.tag}.events.{p}" for p in range(self.partitions)]
@@ -263,9 +284,54 @@ class BaselineDeployment(Deployment):
             process.wait_ready("/healthz")
 
 
+class QuorumSuiteDeployment(SuiteDeployment):
+    """The suite on a private three-node RabbitMQ cluster with quorum queues: each service
+    given the three nodes (each its own first), the queues led by the first node. The cluster
+    (tests/support/rabbitmq_cluster.py) boots once per benchmark process and is killed at exit.
+    """
+
+    kind = "suite-quorum"
+    _cluster: Any = None
+
+    def __init__(self) -> None:
+        cluster = self.cluster()
+        super().__init__(rabbitmq_url=cluster.urls(0))
+        self.processes["relay-worker"].env["ADVANCED_RABBITMQ_URL"] = cluster.urls(0)
+        self.processes["ingress-ws"].env["ADVANCED_RABBITMQ_URL"] = cluster.urls(1)
+        for process in self.processes.values():
+            process.env["ADVANCED_RABBITMQ_QUEUE_TYPE"] = "quorum"
+
+    @classmethod
+    def cluster(cls) -> Any:
+        if cls._cluster is None:
+            tests = str(Path(__file__).resolve().parents[1] / "tests")
+            if tests not in sys.path:
+                sys.path.append(tests)
+            from support.rabbitmq_cluster import RabbitCluster
+
+            directory = Path(tempfile.mkdtemp(prefix="bench-rabbitmq-"))
+            cls._cluster = RabbitCluster(directory).start()
+            atexit.register(cls._cluster.close)
+        return cls._cluster
+
+    def broker_processes(self) -> dict[str, psutil.Process] | None:
+        found = {}
+        for node in self.cluster().nodes:
+            pid = node.beam_pid()
+            if pid is not None:
+                found[f"rabbitmq-{node.name.partition('-')[0]}"] = psutil.Process(pid)
+        redis = listening_process(REDIS_URL)
+        if redis is not None:
+            found["redis"] = redis
+        return found
+
+
+TARGETS = {"suite": SuiteDeployment, "suite-quorum": QuorumSuiteDeployment}
+
+
 def deployment(kind: str) -> Deployment:
-    if kind == "suite":
-        return SuiteDeployment()
     if kind == "baseline":
         return BaselineDeployment()
-    raise ValueError(f"unknown target {kind!r}: use 'suite' or 'baseline'")
+    if kind in TARGETS:
+        return TARGETS[kind]()
+    raise ValueError(f"unknown target {kind!r}: use 'suite', 'suite-quorum' or 'baseline'")

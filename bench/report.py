@@ -300,7 +300,7 @@ def plot(results: Result, path: Path) -> None:
 
     scenarios = results["scenarios"]
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colours = {"suite": "tab:blue", "baseline": "tab:orange"}
+    colours = {"suite": "tab:blue", "baseline": "tab:orange", "suite-quorum": "tab:green"}
     panels = (
         ("max_rate", "rate_target", "publish rate (msg/s), 1 WS + 1 SSE"),
         ("fanout", "sse_subscribers", "SSE subscribers at 50 msg/s"),

@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.launcher import PUBLISHER_MAX_RATE, Deployment, deployment
+from bench.launcher import (
+    PUBLISHER_MAX_RATE,
+    RABBITMQ_URL,
+    REDIS_URL,
+    Deployment,
+    deployment,
+    listening_process,
+)
 from bench.loadgen import Sample, StepPlan, Subscribers, latencies, run_step
 
 P99_LIMIT_MS = 250.0
@@ -62,16 +69,10 @@ QUICK = Profile(
 
 
 def _brokers() -> dict[str, psutil.Process]:
-    """The shared RabbitMQ and Redis: their CPU is the suite's (and, alas, everyone's)."""
-    found: dict[str, psutil.Process] = {}
-    for process in psutil.process_iter(["name", "cmdline"]):
-        name = process.info["name"] or ""
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if name == "beam.smp" and "rabbit" in cmdline:
-            found["rabbitmq"] = process
-        elif name == "redis-server" and ":6379" in cmdline:
-            found["redis"] = process
-    return found
+    """The shared RabbitMQ and Redis: their CPU is the suite's (and, alas, everyone's). Found
+    by the ports they listen on: other RabbitMQ nodes may run beside the shared one."""
+    found = {"rabbitmq": listening_process(RABBITMQ_URL), "redis": listening_process(REDIS_URL)}
+    return {name: process for name, process in found.items() if process is not None}
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
@@ -83,7 +84,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 
 def _cpu_sample(target: Deployment) -> Callable[[], Sample]:
-    brokers = _brokers()
+    brokers = target.broker_processes() or _brokers()
 
     def sample() -> Sample:
         values = {name: p.cpu_seconds() for name, p in target.processes.items()}

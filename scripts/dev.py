@@ -142,10 +142,7 @@ def announce_when_listening(children: list[Child], supervisor: Supervisor, page:
 
 def main() -> int:
     settings = load_settings(IngressSettings)
-    rabbitmq, redis = (
-        settings.rabbitmq_url.get_secret_value(),
-        settings.redis_url.get_secret_value(),
-    )
+    rabbitmq, redis = settings.rabbitmq_urls[0], settings.redis_url.get_secret_value()
     if settings.event_transport == "memory":
         run_in_memory("ADVANCED_EVENT_TRANSPORT=memory")
     if not answers(rabbitmq, 5672) or not answers(redis, 6379):

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import statistics
-import sys
 import time
 import zlib
 from typing import Any
@@ -27,6 +25,7 @@ from chaos.harness import (
     Ledger,
     Sender,
     metric,
+    relay_worker_cli,
     report,
     scrape,
     sse_activity_url,
@@ -351,21 +350,6 @@ def boards_in_one_partition(prefix: str, count: int, partitions: int = 4) -> lis
             found.append(board)
         n += 1
     return found
-
-
-async def relay_worker_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay_worker",
-        "dlq",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode or 0, output.decode()
 
 
 async def dlq_depth(edge_suite: EdgeSuite) -> int:

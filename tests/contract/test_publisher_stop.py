@@ -32,7 +32,7 @@ async def test_close_stops_a_connect_in_progress(brokers: Brokers, names: Names)
         dlq_queue=env["ADVANCED_RABBITMQ_DLQ_QUEUE"],
         partitions=4,
     )
-    publisher = RabbitPublisher(brokers.rabbitmq_url, topology)
+    publisher = RabbitPublisher([brokers.rabbitmq_url], topology)
     connecting = asyncio.create_task(publisher.connect())
     await asyncio.sleep(0)  # the connect has started its reconnect loop
     connecting.cancel()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from envelope.settings import SuiteSettings
+from envelope.settings import SuiteSettings, load_settings
 from pydantic import ValidationError
 
 
@@ -51,3 +51,24 @@ def test_secrets_do_not_show_in_the_settings_repr() -> None:
     )
     assert "s3cr3t-value" not in repr(settings)
     assert "guest:guest" not in repr(settings)
+
+
+def test_the_rabbitmq_url_may_list_several_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = SuiteSettings(
+        _env_file=None, rabbitmq_url="amqp://u:p@a:5672/, amqps://u:p@b:5671/vh"
+    )
+    assert settings.rabbitmq_urls == ["amqp://u:p@a:5672/", "amqps://u:p@b:5671/vh"]
+    # A node without a scheme is refused, and the message never repeats the credentials.
+    monkeypatch.setenv("ADVANCED_RABBITMQ_URL", "amqp://u:secret@a:5672/,b:5672")
+    with pytest.raises(SystemExit, match="one amqp:// or amqps:// URL per node") as refused:
+        load_settings(SuiteSettings)
+    assert "secret" not in str(refused.value)
+
+
+def test_the_queue_type_is_classic_or_quorum() -> None:
+    assert SuiteSettings(_env_file=None).rabbitmq_queue_type == "classic"
+    assert SuiteSettings(_env_file=None, rabbitmq_queue_type="quorum").topology.queue_type == (
+        "quorum"
+    )
+    with pytest.raises(ValidationError):
+        SuiteSettings(_env_file=None, rabbitmq_queue_type="stream")

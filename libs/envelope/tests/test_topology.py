@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from envelope.settings import SuiteSettings
+from envelope.topology import QUORUM_DELIVERY_LIMIT
 
 
 def test_a_board_always_routes_to_the_same_partition_queue() -> None:
@@ -26,3 +27,39 @@ def test_every_redis_name_carries_the_prefix() -> None:
     ]
     assert all(name.startswith("p:") for name in names)
     assert len(set(names)) == len(names)
+
+
+def test_classic_queues_keep_the_arguments_every_deployment_declared() -> None:
+    topology = SuiteSettings(_env_file=None).topology
+    assert topology.queue_type == "classic"
+    assert topology.partition_queue_arguments == {
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": "advanced.board.events.retry",
+    }
+    assert topology.retry_queue_arguments(300) == {
+        "x-message-ttl": 300,
+        "x-dead-letter-exchange": "advanced.board.events",
+    }
+    assert topology.dlq_queue_arguments == {}
+
+
+def test_quorum_queues_dead_letter_at_least_once_with_an_explicit_delivery_limit() -> None:
+    topology = SuiteSettings(_env_file=None, rabbitmq_queue_type="quorum").topology
+    dead_lettering = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+    }
+    assert topology.partition_queue_arguments == {
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": "advanced.board.events.retry",
+        **dead_lettering,
+    }
+    assert topology.retry_queue_arguments(300) == {
+        "x-message-ttl": 300,
+        "x-dead-letter-exchange": "advanced.board.events",
+        **dead_lettering,
+    }
+    assert topology.dlq_queue_arguments == {"x-queue-type": "quorum"}
+    assert QUORUM_DELIVERY_LIMIT > 20  # RabbitMQ 4's default, which would reorder after 20

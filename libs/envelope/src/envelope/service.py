@@ -27,7 +27,8 @@ from envelope.observability import instrument_app
 from envelope.security import hardened_http_protocol, secure_app
 from envelope.settings import SuiteSettings
 
-Readiness = Callable[[], Awaitable[dict[str, bool]]]
+# Flags (all true: ready) and facts such as the RabbitMQ node a process is on.
+Readiness = Callable[[], Awaitable[dict[str, bool | str]]]
 log = structlog.get_logger("envelope.service")
 
 REDIS_HEALTH_CHECK_SECONDS = 5
@@ -96,7 +97,7 @@ def add_operations(
     @exempt
     async def readyz() -> Response:
         flags = await readiness()
-        ready = all(flags.values())
+        ready = all(value for value in flags.values() if isinstance(value, bool))
         body: dict[str, Any] = {
             "status": "ready" if ready else "not_ready",
             "transport": settings.event_transport,
@@ -226,12 +227,25 @@ def serve(
     DrainingServer(config, drain, ready.format(url=local_url(settings, port))).run()
 
 
-async def keep_trying(connect: Callable[[], Awaitable[None]], what: str, log: Any) -> None:
-    """Connect at start-up without blocking it: /readyz stays 503 until this succeeds."""
+async def keep_trying(
+    connect: Callable[[], Awaitable[None]],
+    what: str,
+    log: Any,
+    *,
+    fatal: tuple[type[Exception], ...] = (),
+) -> None:
+    """Connect at start-up without blocking it: /readyz stays 503 until this succeeds.
+
+    A `fatal` error (a configuration the broker refuses, which no retry mends) stops the
+    process: SystemExit leaves the event loop, and the process exits 1 with the message.
+    """
     delay = 0.5
     while True:
         try:
             await connect()
+        except fatal as exc:
+            log.error("refusing to start", broker=what, error=str(exc))
+            raise SystemExit(f"{what}: {exc}") from None
         except Exception as exc:  # any failure to connect: report, back off, try again
             log.warning(
                 "broker not reachable yet, retrying", broker=what, error=str(exc), retry_in=delay

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Self, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from envelope.topology import RedisKeys, Topology
+from envelope.topology import QueueType, RedisKeys, Topology
 
 DEFAULT_TOKEN = "change-me-realtime"  # noqa: S105 - the documented development default
 DEFAULT_CSP = (
@@ -61,7 +61,12 @@ class SuiteSettings(BaseSettings):
     # idle board's history instead.
     replay_retention_seconds: int = Field(default=0, ge=0)
 
+    # One node, or a cluster's nodes comma-separated: every process uses the first that answers.
     rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    # classic: one copy on one node (a single-node broker, and what every deployment so far
+    # declared). quorum: replicated over a cluster's nodes, survives the loss of a minority.
+    # Changing it means new queues (docs/operations.md), so it is never switched by default.
+    rabbitmq_queue_type: QueueType = "classic"
     rabbitmq_exchange: str = "advanced.board.events"
     rabbitmq_queue: str = "advanced.board.events"
     rabbitmq_retry_queue: str = "advanced.board.events.retry"
@@ -94,6 +99,22 @@ class SuiteSettings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _check_rabbitmq_nodes(cls, value: SecretStr) -> SecretStr:
+        nodes = value.get_secret_value().split(",")
+        if not all(node.strip().startswith(("amqp://", "amqps://")) for node in nodes):
+            raise ValueError(
+                "ADVANCED_RABBITMQ_URL must be one amqp:// or amqps:// URL per node, "
+                "comma-separated (amqp://user:pass@host1:5672/,amqp://user:pass@host2:5672/)."
+            )
+        return value
+
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        """The nodes of `ADVANCED_RABBITMQ_URL`, in the order they are tried."""
+        return [node.strip() for node in self.rabbitmq_url.get_secret_value().split(",")]
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -160,6 +181,7 @@ class SuiteSettings(BaseSettings):
             retry_queue=self.rabbitmq_retry_queue,
             dlq_queue=self.rabbitmq_dlq_queue,
             partitions=self.rabbitmq_partitions,
+            queue_type=self.rabbitmq_queue_type,
         )
 
     @property

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+QueueType = Literal["classic", "quorum"]
+
+# RabbitMQ 4 gives quorum queues a delivery limit of 20 by default (3.x has none): past it a
+# message is dead-lettered. The suite never requeues a failed message itself (a failure is
+# a reject into the retry queue, counted by `x-death`), so only returns count here: channels
+# closed under unacked messages by failovers, lease hand-overs and paused partitions. Set
+# explicitly, high, so an upgrade does not start moving messages out of order after 20 returns;
+# a message that does reach it goes to the retry queue (at-least-once), never away.
+QUORUM_DELIVERY_LIMIT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +26,7 @@ class Topology:
     retry_queue: str
     dlq_queue: str
     partitions: int
+    queue_type: QueueType = "classic"
 
     @property
     def retry_exchange(self) -> str:
@@ -38,7 +49,38 @@ class Topology:
         """Every declarer (worker and ingress) must pass exactly these: RabbitMQ refuses a
         redeclaration with other arguments. One consumer at a time keeps a board's order; a
         rejected message dead-letters to the retry exchange."""
-        return {"x-single-active-consumer": True, "x-dead-letter-exchange": self.retry_exchange}
+        return self._typed(
+            {"x-single-active-consumer": True, "x-dead-letter-exchange": self.retry_exchange},
+            dead_letters=True,
+        )
+
+    def retry_queue_arguments(self, retry_delay_ms: int) -> dict[str, Any]:
+        """Holds a retried message for the back-off delay, then dead-letters it back to work."""
+        return self._typed(
+            {"x-message-ttl": retry_delay_ms, "x-dead-letter-exchange": self.exchange},
+            dead_letters=True,
+        )
+
+    @property
+    def dlq_queue_arguments(self) -> dict[str, Any]:
+        return self._typed({}, dead_letters=False)
+
+    def _typed(self, arguments: dict[str, Any], *, dead_letters: bool) -> dict[str, Any]:
+        """Classic queues keep the arguments they always had (no `x-queue-type`), so existing
+        deployments redeclare them unchanged. A quorum queue that dead-letters does it
+        at-least-once: the message leaves the source only once its target confirmed it, which
+        RabbitMQ allows only with `reject-publish` overflow (a full target refuses, and the
+        message waits in the source)."""
+        if self.queue_type == "classic":
+            return arguments
+        quorum: dict[str, Any] = {"x-queue-type": "quorum", **arguments}
+        if dead_letters:
+            quorum |= {
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+                "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+            }
+        return quorum
 
 
 @dataclass(frozen=True, slots=True)

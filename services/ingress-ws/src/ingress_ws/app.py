@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from envelope.amqp import QueueTypeMismatch
 from envelope.auth import (
     HOST_SESSION_COOKIE,
     SESSION_COOKIE,
@@ -128,9 +129,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             else:
                 client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
-                publisher = RabbitPublisher(
-                    settings.rabbitmq_url.get_secret_value(), settings.topology
-                )
+                publisher = RabbitPublisher(settings.rabbitmq_urls, settings.topology)
                 presence_store = RedisPresence(client, settings.redis_keys)
                 activity = RedisActivityStore(client, settings.redis_keys)  # type: ignore[assignment]
             stack.push_async_callback(publisher.close)
@@ -162,7 +161,10 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             )
             holder["runtime"] = runtime
             tasks = [
-                asyncio.create_task(keep_trying(publisher.connect, "RabbitMQ", log)),
+                # A partition queue of the other type stops the ingress (QueueTypeMismatch).
+                asyncio.create_task(
+                    keep_trying(publisher.connect, "RabbitMQ", log, fatal=(QueueTypeMismatch,))
+                ),
                 asyncio.create_task(hub.run()),
                 asyncio.create_task(presence.run()),
             ]
@@ -201,17 +203,21 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         expose_headers=["Retry-After"],
     )
 
-    async def readiness() -> dict[str, bool]:
+    async def readiness() -> dict[str, bool | str]:
         runtime = holder.get("runtime")
         rabbit = runtime is not None and runtime.publisher.ready
         redis_ok = runtime is not None and runtime.hub.connected.is_set()
+        node = runtime.publisher.node if runtime is not None else None
         if settings.event_transport == "memory":
             return {"event_pipeline_ready": rabbit and redis_ok}  # no broker to speak of
-        return {
+        flags: dict[str, bool | str] = {
             "event_pipeline_ready": rabbit and redis_ok,
             "rabbitmq_connected": rabbit,
             "redis_connected": redis_ok,
         }
+        if node is not None:
+            flags["rabbitmq_node"] = node  # which node of ADVANCED_RABBITMQ_URL it is on
+        return flags
 
     add_operations(app, settings, registry, readiness, exempt=limiter.exempt)
     publish_rate = PublishRate(

@@ -16,6 +16,11 @@ class EventPublisher(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def node(self) -> str | None:
+        """The broker node publishes go to now (`host:port`), if there is one."""
+        ...
+
     async def connect(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -36,6 +41,10 @@ class MemoryPublisher:
         self._broker = broker
 
     async def connect(self) -> None:
+        return None
+
+    @property
+    def node(self) -> str | None:
         return None
 
     async def close(self) -> None:

@@ -9,11 +9,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import aio_pika
 import redis.asyncio as redis
 import structlog
-from aio_pika.abc import AbstractRobustConnection
-from aio_pika.connection import make_url
+from envelope.amqp import FailoverConnection, QueueTypeMismatch, connect_nodes
 from envelope.memory import MemoryTransport
 from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
@@ -33,7 +31,7 @@ log = structlog.get_logger("relay_worker")
 class WorkerRuntime:
     """What the lifespan opens and readiness reads; empty until each part is up."""
 
-    connection: AbstractRobustConnection | None = None
+    connection: FailoverConnection | None = None
     consumer: PartitionedConsumer | None = None
     redis_up: Callable[[], Awaitable[bool]] | None = None
 
@@ -105,14 +103,10 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
             async def connect() -> None:
                 # A name per process, so an operator (or a fault test) can tell workers apart.
-                connection = aio_pika.RobustConnection(
-                    make_url(settings.rabbitmq_url.get_secret_value()),
-                    client_properties={"connection_name": f"relay-worker {worker_id}"},
+                connection = await connect_nodes(
+                    settings.rabbitmq_urls, f"relay-worker {worker_id}"
                 )
                 try:
-                    # Inside the try: a stop during the first attempt must close it, or
-                    # aio-pika's reconnect task survives the cancellation (aio-pika #414).
-                    await connection.connect()
                     async with connection.channel() as channel:
                         await declare_topology(
                             channel, settings.topology, settings.rabbitmq_retry_delay_ms
@@ -125,7 +119,9 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             async def consume() -> None:
                 # RabbitMQ may be down when the worker starts: keep trying, /readyz says 503
                 # meanwhile, and /healthz answers from the start.
-                await keep_trying(connect, "RabbitMQ", log)
+                # A queue of the other type stops the worker (QueueTypeMismatch says how to
+                # migrate): consuming it under other arguments would be a silent mismatch.
+                await keep_trying(connect, "RabbitMQ", log, fatal=(QueueTypeMismatch,))
                 assert runtime.connection is not None
                 consumer = PartitionedConsumer(
                     runtime.connection,
@@ -161,7 +157,7 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
 
     app = FastAPI(title="relay-worker", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    async def readiness() -> dict[str, bool]:
+    async def readiness() -> dict[str, bool | str]:
         if settings.event_transport == "memory":
             # No brokers to speak of: the relay loop over the in-memory queue is the pipeline.
             return {"relay_running": any(not task.done() for task in memory_relay)}
@@ -175,7 +171,14 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
         # False while an infrastructure fault holds the relay (Redis answering PING is not
         # Redis taking writes).
         flowing = runtime.consumer is None or runtime.consumer.flowing
-        return {"rabbitmq_connected": rabbit, "redis_connected": redis_ok, "relay_flowing": flowing}
+        flags: dict[str, bool | str] = {
+            "rabbitmq_connected": rabbit,
+            "redis_connected": redis_ok,
+            "relay_flowing": flowing,
+        }
+        if connection is not None and (node := connection.node) is not None:
+            flags["rabbitmq_node"] = node
+        return flags
 
     add_operations(app, settings, registry, readiness)
     return app

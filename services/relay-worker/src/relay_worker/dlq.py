@@ -6,6 +6,7 @@ from typing import TextIO
 
 import aio_pika
 import orjson
+from envelope.amqp import connect_nodes
 
 from relay_worker.adapters.rabbitmq import (
     ATTEMPTS_HEADER,
@@ -18,7 +19,7 @@ from relay_worker.settings import WorkerSettings
 
 async def list_dead_letters(settings: WorkerSettings, out: TextIO) -> int:
     """Print one JSON line per dead letter; every message stays in the DLQ."""
-    connection = await aio_pika.connect_robust(settings.rabbitmq_url.get_secret_value())
+    connection = await connect_nodes(settings.rabbitmq_urls, "relay-worker dlq list")
     async with connection:
         async for _channel, message in dlq_messages(connection, settings.topology):
             headers = message.headers or {}
@@ -35,7 +36,7 @@ async def list_dead_letters(settings: WorkerSettings, out: TextIO) -> int:
 
 async def replay_dead_letters(settings: WorkerSettings, ids: set[str] | None, out: TextIO) -> int:
     """Publish the chosen dead letters back to the exchange with a fresh retry budget."""
-    connection = await aio_pika.connect_robust(settings.rabbitmq_url.get_secret_value())
+    connection = await connect_nodes(settings.rabbitmq_urls, "relay-worker dlq replay")
     replayed = 0
     async with connection:
         async for channel, message in dlq_messages(connection, settings.topology):

@@ -109,7 +109,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
         allow_headers=["Authorization", "Last-Event-ID", "Cache-Control"],
     )
 
-    async def readiness() -> dict[str, bool]:
+    async def readiness() -> dict[str, bool | str]:
         hub = hubs.get("hub")
         connected = hub is not None and hub.connected.is_set()
         if settings.event_transport == "memory":

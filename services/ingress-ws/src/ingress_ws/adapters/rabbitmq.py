@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Sequence
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
-from aio_pika.connection import make_url
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from envelope.amqp import NODE_CONNECT_TIMEOUT_SECONDS, FailoverConnection, declare_queue
 from envelope.models import BoardEventEnvelope
 from envelope.topology import Topology
 
@@ -26,10 +27,10 @@ log = structlog.get_logger("ingress_ws")
 
 
 class RabbitPublisher:
-    def __init__(self, url: str, topology: Topology) -> None:
-        self._url = url
+    def __init__(self, urls: Sequence[str], topology: Topology) -> None:
+        self._urls = urls
         self._topology = topology
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
 
@@ -37,13 +38,14 @@ class RabbitPublisher:
         # Kept before connecting: a stop during the first attempt must be able to close it,
         # or aio-pika's reconnect task survives the cancellation (aio-pika #414) and the
         # process never exits (seen when uvicorn cannot bind its port).
-        self._connection = aio_pika.RobustConnection(
-            make_url(self._url),
+        # The first node of ADVANCED_RABBITMQ_URL that answers; another one when it fails.
+        self._connection = FailoverConnection(
+            self._urls,
             client_properties={
                 "connection_name": f"ingress-ws {socket.gethostname()} pid {os.getpid()}"
             },
         )
-        await self._connection.connect()
+        await self._connection.connect(timeout=NODE_CONNECT_TIMEOUT_SECONDS)
         # Confirms tell us the broker has the message; mandatory + on_return_raises turn an
         # unroutable publish (no queue bound yet) into an error instead of a silent drop.
         self._channel = await self._connection.channel(
@@ -62,10 +64,11 @@ class RabbitPublisher:
         channel = await self._connection.channel()
         try:
             for partition in range(topology.partitions):
-                queue = await channel.declare_queue(
+                # A queue of the other type raises QueueTypeMismatch, which stops the service.
+                queue = await declare_queue(
+                    channel,
                     topology.partition_queue(partition),
-                    durable=True,
-                    arguments=topology.partition_queue_arguments,
+                    topology.partition_queue_arguments,
                 )
                 await queue.bind(topology.exchange, topology.partition_routing_key(partition))
         except AMQPError as exc:
@@ -82,6 +85,11 @@ class RabbitPublisher:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
+
+    @property
+    def node(self) -> str | None:
+        """The RabbitMQ node (`host:port`) publishes go to now; None while not connected."""
+        return self._connection.node if self._connection is not None else None
 
     @property
     def ready(self) -> bool:

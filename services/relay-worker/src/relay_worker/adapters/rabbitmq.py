@@ -20,6 +20,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.exceptions import ChannelInvalidStateError
+from envelope.amqp import declare_queue
 from envelope.topology import Topology
 
 log = structlog.get_logger("relay_worker")
@@ -36,6 +37,7 @@ async def declare_topology(
 
     A rejected message dead-letters to the retry exchange; the retry queue holds it for the
     back-off delay, then dead-letters it back to the main exchange under its own routing key.
+    Every queue is of `topology.queue_type`; one of the other type raises `QueueTypeMismatch`.
     """
     exchange = await channel.declare_exchange(
         topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -44,19 +46,15 @@ async def declare_topology(
         topology.retry_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
     for partition in range(topology.partitions):
-        queue = await channel.declare_queue(
-            topology.partition_queue(partition),
-            durable=True,
-            arguments=topology.partition_queue_arguments,
+        queue = await declare_queue(
+            channel, topology.partition_queue(partition), topology.partition_queue_arguments
         )
         await queue.bind(exchange, topology.partition_routing_key(partition))
-    retry = await channel.declare_queue(
-        topology.retry_queue,
-        durable=True,
-        arguments={"x-message-ttl": retry_delay_ms, "x-dead-letter-exchange": topology.exchange},
+    retry = await declare_queue(
+        channel, topology.retry_queue, topology.retry_queue_arguments(retry_delay_ms)
     )
     await retry.bind(retry_exchange, "#")
-    await channel.declare_queue(topology.dlq_queue, durable=True)
+    await declare_queue(channel, topology.dlq_queue, topology.dlq_queue_arguments)
 
 
 def failed_attempts(message: AbstractIncomingMessage, queue_name: str) -> int:
