@@ -60,10 +60,11 @@ def rabbitmqctl(stack: Stack, service: str, *args: str) -> Any:
 
 
 def as_dict(arguments: Any) -> dict[str, Any]:
-    """Queue arguments as rabbitmqctl's JSON gives them: an object, or a list of pairs."""
+    """Queue arguments as rabbitmqctl's JSON gives them: an object, or a list of AMQP table
+    entries `[name, type, value]` (RabbitMQ 3.10)."""
     if isinstance(arguments, dict):
         return arguments
-    return dict(arguments)
+    return {entry[0]: entry[-1] for entry in arguments}
 
 
 def test_the_three_nodes_are_one_cluster(cluster: Stack) -> None:
