@@ -116,7 +116,7 @@ up-cluster: compose-env
 down-cluster:
     docker compose {{compose_cluster}} down
 
-# The images built and the whole suite under compose, single-node then on three RabbitMQ nodes, on a private engine (CI; 10-14 min, root): scripts/containers/ci.sh.
+# The images built and the whole suite under compose, single-node then on three RabbitMQ nodes, on a private engine (CI; about 12-14 min, root): scripts/containers/ci.sh.
 [group('deploy')]
 containers: setup
     bash scripts/containers/ci.sh
