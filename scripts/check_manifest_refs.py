@@ -5,7 +5,10 @@ Usage: check_manifest_refs.py RENDERED.yaml...   (the output of `kubectl kustomi
 Checks that every ConfigMap and Secret a pod reads, every autoscaler target, every Ingress
 backend and every KEDA ScaledObject's target, TriggerAuthentication and Secret key exists in the
 same render; and that no Deployment is scaled by both an HPA and a ScaledObject (they would fight).
-KEDA's resources have no schema in kubernetes-validate, so these checks are what stands for one.
+A RabbitmqCluster (RabbitMQ Cluster Operator) must have an odd number of replicas, at least 3, a
+PodDisruptionBudget letting one of its pods go at a time, and the suite's ConfigMap on quorum
+queues. KEDA's and the operator's resources have no schema in kubernetes-validate, so these
+checks are what stands for one.
 """
 
 from __future__ import annotations
@@ -92,6 +95,33 @@ def dangling_references(manifests: list[Manifest]) -> list[str]:
                 data = {**(secret or {}).get("data", {}), **(secret or {}).get("stringData", {})}
                 if ref["key"] not in data:
                     problems.append(f"{auth_name}: Secret {ref['name']} has no key {ref['key']}")
+    problems += _rabbitmq_cluster_problems(manifests)
+    return problems
+
+
+def _rabbitmq_cluster_problems(manifests: list[Manifest]) -> list[str]:
+    problems: list[str] = []
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    queue_types = {
+        m["data"].get("ADVANCED_RABBITMQ_QUEUE_TYPE")
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("realtime-config")
+    }
+    for cluster in (m for m in manifests if m["kind"] == "RabbitmqCluster"):
+        name = cluster["metadata"]["name"]
+        replicas = cluster["spec"].get("replicas", 1)
+        if replicas < 3 or replicas % 2 == 0:
+            problems.append(f"RabbitmqCluster {name}: {replicas} replicas, want an odd number >= 3")
+        # The operator labels the pods app.kubernetes.io/name=<the cluster's name>.
+        selecting = [
+            b
+            for b in budgets
+            if b["spec"]["selector"].get("matchLabels") == {"app.kubernetes.io/name": name}
+        ]
+        if [b["spec"].get("maxUnavailable") for b in selecting] != [1]:
+            problems.append(f"RabbitmqCluster {name}: want one PDB of maxUnavailable 1 on its pods")
+        if queue_types != {"quorum"}:
+            problems.append(f"RabbitmqCluster {name}: realtime-config has queue type {queue_types}")
     return problems
 
 

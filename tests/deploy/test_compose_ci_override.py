@@ -35,3 +35,24 @@ def test_the_dockerfiles_default_to_the_registry_images() -> None:
         # buildah refuses relative bind-mount targets.
         targets = re.findall(r"--mount=type=bind,[^ ]*target=([^ ,]+)", text)
         assert targets and all(t.startswith("/") for t in targets), (dockerfile, targets)
+
+
+CLUSTER = yaml.safe_load((REPO / "deploy/compose/compose.rabbitmq-cluster.yaml").read_text())
+CLUSTER_OVERRIDE = yaml.safe_load(
+    (REPO / "deploy/compose/compose.rabbitmq-cluster.ci.yaml").read_text()
+)
+
+
+def test_the_cluster_ci_override_sets_image_names_of_the_clusters_new_containers_only() -> None:
+    assert set(CLUSTER_OVERRIDE) == {"services"}, set(CLUSTER_OVERRIDE)
+    for name, service in CLUSTER_OVERRIDE["services"].items():
+        assert set(service) == {"image"}, f"compose.rabbitmq-cluster.ci.yaml: {name} sets {service}"
+        assert service["image"] == OVERRIDE["services"]["rabbitmq"]["image"], (name, service)
+    # Every service the cluster file adds with a registry image, and none of compose.yaml's
+    # (compose.ci.yaml already swaps those).
+    added = {n for n, s in CLUSTER["services"].items() if "image" in s}
+    assert set(CLUSTER_OVERRIDE["services"]) == added
+    assert not added & set(COMPOSE["services"])
+    assert {CLUSTER["services"][n]["image"] for n in added} == {
+        COMPOSE["services"]["rabbitmq"]["image"]
+    }

@@ -162,6 +162,21 @@ def test_compose_sets_only_variables_each_service_reads() -> None:
         assert environment <= READ_BY[name], f"{name} ignores {sorted(environment - READ_BY[name])}"
 
 
+def test_the_rabbitmq_cluster_variant_sets_only_variables_each_service_reads() -> None:
+    """compose.rabbitmq-cluster.yaml, merged over compose.yaml: every suite service gets the
+    three nodes and quorum queues, in variables it reads."""
+    cluster: dict[str, Any] = load_yaml(COMPOSE_DIR / "compose.rabbitmq-cluster.yaml")["services"]
+    for name, reads in READ_BY.items():
+        environment = compose_environment(cluster[name])
+        assert environment <= reads, f"{name} ignores {sorted(environment - reads)}"
+        env = cluster[name]["environment"]
+        assert env["ADVANCED_RABBITMQ_QUEUE_TYPE"] == "quorum", name
+        hosts = {
+            url.split("@", 1)[1].split(":", 1)[0] for url in env["ADVANCED_RABBITMQ_URL"].split(",")
+        }
+        assert hosts == {"rabbitmq", "rabbitmq-2", "rabbitmq-3"}, (name, hosts)
+
+
 def test_compose_runs_the_services_as_production() -> None:
     services = compose_services()
     for name in READ_BY:
