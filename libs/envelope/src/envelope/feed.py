@@ -463,6 +463,10 @@ class ActivityHub(Generic[T]):
     def local_subscribers(self, board_id: str) -> int:
         return len(self._boards.get(board_id, ()))
 
+    def board_subscriptions(self, board_id: str) -> list[Subscription[T]]:
+        """The board's subscriptions in this process (presence frames are offered to them)."""
+        return list(self._boards.get(board_id, ()))
+
     def subscribe_board(self, board_id: str, maxsize: int) -> Subscription[T]:
         """A context manager: the board's events reach the subscription inside the block."""
         return Subscription(frozenset({board_id}), maxsize, hub=self, board=board_id)

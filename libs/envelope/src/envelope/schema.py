@@ -19,6 +19,8 @@ from envelope.models import (
     BoardMessage,
     ErrorFrame,
     EventFrame,
+    PresenceFrame,
+    PresenceSnapshot,
     ResetFrame,
     ResumeRequest,
 )
@@ -32,6 +34,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "event-frame": EventFrame,
     "error-frame": ErrorFrame,
     "reset-frame": ResetFrame,
+    "presence-frame": PresenceFrame,
+    "presence-snapshot": PresenceSnapshot,
 }
 
 

@@ -74,7 +74,21 @@ class RedisKeys:
         return f"{self.prefix}board:{board_id}:seen:{idempotency_key}"
 
     def presence(self, board_id: str) -> str:
+        """Hash: `<instance>:<member id>` → that member's connections on that instance."""
         return f"{self.prefix}board:{board_id}:presence"
+
+    def presence_members(self, board_id: str) -> str:
+        """Hash: member id → its connections summed over every instance (joins and leaves)."""
+        return f"{self.prefix}board:{board_id}:members"
+
+    @property
+    def presence_instances(self) -> str:
+        """Sorted set: ingress instance → when its presence expires (ms), unless it beats."""
+        return f"{self.prefix}presence:instances"
+
+    def presence_instance_boards(self, instance: str) -> str:
+        """Set: the boards an instance holds presence on, for reaping it once it died."""
+        return f"{self.prefix}presence:instance:{instance}:boards"
 
     def partition_lease(self, partition: int) -> str:
         return f"{self.prefix}lease:{partition}"

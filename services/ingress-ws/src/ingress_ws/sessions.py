@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -14,7 +13,7 @@ import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.auth import Principal
-from envelope.codec import InvalidFrame, RelayedEvent
+from envelope.codec import InvalidFrame
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
     SCHEMA_VERSION,
@@ -27,6 +26,7 @@ from envelope.models import (
     utcnow,
 )
 from envelope.observability import DeliveryTracker, inject_trace_context
+from envelope.presence import is_presence
 from envelope.service import delivery_latency_histogram
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, Storage
@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ingress_ws.presence import BoardPresence
+from ingress_ws.presence import BoardPresence, member_of
 from ingress_ws.publisher import EventPublisher, PublishUnavailable
 from ingress_ws.settings import IngressSettings
 
@@ -197,6 +197,7 @@ class BoardSocket:
         self.principal = principal
         self.runtime = runtime
         self.sender = uuid.uuid4().hex
+        self.member = member_of(principal, websocket.query_params.get("client_id"), self.sender)
         self._send_lock = asyncio.Lock()
         self._last_sequence = 0
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -220,7 +221,7 @@ class BoardSocket:
         runtime = self.runtime
         runtime.sockets.add(self)
         runtime.metrics.connections.inc()
-        await runtime.presence.join(self.board_id)
+        runtime.presence.join(self.board_id, self.member)
         try:
             with runtime.hub.subscribe_board(
                 self.board_id, runtime.settings.websocket_send_queue
@@ -256,7 +257,7 @@ class BoardSocket:
         finally:
             runtime.sockets.discard(self)
             runtime.metrics.connections.dec()
-            await runtime.presence.leave(self.board_id)
+            runtime.presence.leave(self.board_id, self.member)
 
     async def close(self, code: int, reason: str = "") -> None:
         if self.websocket.application_state == WebSocketState.CONNECTED:
@@ -479,6 +480,10 @@ class BoardSocket:
                 continue
             async with self._send_lock:
                 for event, frame in batch:
+                    if is_presence(event):  # not echoed to the member it is about
+                        if event.stream_id != self.member.id:
+                            await self.websocket.send_text(frame)
+                        continue
                     if event.sequence <= self._last_sequence:
                         continue  # already sent by a replay
                     await self.websocket.send_text(frame)
@@ -505,12 +510,3 @@ class BoardSocket:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(frame).decode())
-
-
-def render_event_frame(presence: BoardPresence) -> Callable[[RelayedEvent], str]:
-    """Builds each event's frame once per process; every socket of the board sends that string."""
-
-    def render(event: RelayedEvent) -> str:
-        return codec.event_frame(event.event, presence.total(event.board_id)).decode()
-
-    return render

@@ -42,6 +42,9 @@ class IngressSettings(SuiteSettings):
     sse_port: int = 8005
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
+    # A crashed replica's board members are gone within this: instances beat every quarter of
+    # it and expire after half, and any live replica reaps an expired one.
+    presence_ttl_seconds: float = Field(default=30, ge=1)
 
     @field_validator("websocket_resume_rate_limit")
     @classmethod
