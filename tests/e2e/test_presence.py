@@ -101,15 +101,23 @@ async def nothing_more(client: BoardClient, stream: SseStream) -> None:
     assert [e for e in queued(stream.events) if e.event == "presence"] == []
 
 
-async def test_members_join_once_and_leave_once_across_two_replicas(suite: Suite) -> None:
-    one, two = replicas(suite, 2)
+@contextlib.asynccontextmanager
+async def watched(suite: Suite) -> AsyncIterator[tuple[Service, Service, BoardClient, SseStream]]:
+    """Two ingress replicas and a gateway; a watcher socket on the first (the shared token's
+    `client_id=watcher`) and the gateway's board stream, which has heard the watcher join."""
+    first, second = replicas(suite, 2)
     gateway = suite.start("gateway")
     async with (
         sse(f"{gateway.url}/sse/boards/{BOARD}?token={TOKEN}") as stream,
-        board(shared_url(one, "watcher")) as watcher,
+        board(shared_url(first, "watcher")) as watcher,
     ):
-        (watcher_joined,) = await sse_presence(stream, 1)
-        assert about(watcher_joined) == ("join", "watcher", None, 1)
+        (joined,) = await sse_presence(stream, 1)
+        assert about(joined) == ("join", "watcher", None, 1)
+        yield first, second, watcher, stream
+
+
+async def test_members_join_once_and_leave_once_across_two_replicas(suite: Suite) -> None:
+    async with watched(suite) as (one, two, watcher, stream):
         await settled(two, {"watcher": 1})
         # Alice: four sockets over both replicas; one shared-token socket without a client_id.
         alice = [jwt_url(one, "alice", "Alice"), jwt_url(two, "alice", "Alice")] * 2
@@ -147,11 +155,8 @@ async def test_members_join_once_and_leave_once_across_two_replicas(suite: Suite
 
 
 async def test_a_killed_replica_s_members_leave_within_the_ttl(suite: Suite) -> None:
-    survivor, doomed = replicas(suite, 2)
-    gateway = suite.start("gateway")
     async with (
-        sse(f"{gateway.url}/sse/boards/{BOARD}?token={TOKEN}") as stream,
-        board(shared_url(survivor, "watcher")) as watcher,
+        watched(suite) as (survivor, doomed, watcher, stream),
         sockets(
             jwt_url(doomed, "carol", "Carol"),
             jwt_url(doomed, "carol", "Carol"),
@@ -161,7 +166,7 @@ async def test_a_killed_replica_s_members_leave_within_the_ttl(suite: Suite) -> 
     ):
         joins = await presence_frames(watcher, 2)
         assert sorted(f["member"]["id"] for f in joins) == ["carol", "dave"]
-        await sse_presence(stream, 3)  # the watcher's own join too
+        await sse_presence(stream, 2)
         await settled(survivor, {"watcher": 1, "carol": 2, "dave": 2})
 
         doomed.kill()  # kill -9: no drain, no leave of its own

@@ -21,8 +21,9 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from envelope.codec import RelayedEvent
-from envelope.feed import ActivityHub, RedisActivityStore
+from envelope.feed import ActivityHub
 from envelope.models import PresenceMember
+from envelope.pubsub import channel_frames
 from envelope.topology import RedisKeys
 
 log = logging.getLogger("envelope.presence")
@@ -77,18 +78,8 @@ class RedisPresenceChanges:
         self._client = client
         self._keys = keys
 
-    @contextlib.asynccontextmanager
-    async def changes(self) -> AsyncIterator[AsyncIterator[bytes]]:
-        pubsub = self._client.pubsub()
-        try:
-            await pubsub.subscribe(self._keys.presence_channel)
-            confirmation = await pubsub.get_message(timeout=5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
-                raise RedisError("the presence channel subscription was not confirmed")
-            yield RedisActivityStore._frames(pubsub)
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    def changes(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return channel_frames(self._client, self._keys.presence_channel, "presence")
 
 
 class PresenceFanout:
