@@ -136,11 +136,15 @@ class BoardPresence:
                 if loop.time() >= beat_due:
                     await self._heartbeat()
                     beat_due = loop.time() + self._beat
-                await self._flush()
+                await self._flush(beat_due)
             except (RedisError, OSError) as exc:
                 log.warning("presence not written; retrying", error=str(exc))
-                self._wake.set()
-                await asyncio.sleep(RETRY_SECONDS)
+            except Exception:  # a bug must not stop the beats: this instance would be reaped
+                log.exception("presence writer failed; retrying")
+            else:
+                continue
+            self._wake.set()
+            await asyncio.sleep(RETRY_SECONDS)
 
     async def _heartbeat(self) -> None:
         """Say this instance lives, with the boards it holds; write every member again (a
@@ -154,8 +158,12 @@ class BoardPresence:
                 self._dirty.setdefault((board_id, member.id), member)
         await self.store.reap()
 
-    async def _flush(self) -> None:
+    async def _flush(self, beat_due: float) -> None:
+        loop = asyncio.get_running_loop()
         while self._dirty:
+            if loop.time() >= beat_due:  # a stream of changes must not starve the beat
+                self._wake.set()
+                return
             (board_id, member_id), member = next(iter(self._dirty.items()))
             if board_id not in self._held:
                 # A board joined since the last beat: listed first, so a crash reaps it too.
@@ -175,12 +183,14 @@ class BoardPresence:
         while True:
             await asyncio.sleep(self._refresh)
             for board_id in list(self.local):
-                with contextlib.suppress(RedisError, OSError):
+                try:
                     members = await self.store.members(board_id)
-                    # Checked again after the read: the board's last socket may have left
-                    # during it, and a total kept for a board with none here is never dropped.
-                    if board_id in self.local:
-                        self._totals[board_id] = sum(m.connections for m in members)
+                except (RedisError, OSError):
+                    continue  # the cached total stays; the next round reads it again
+                # Checked again after the read: the board's last socket may have left during
+                # it, and a total kept for a board with none here would never be dropped.
+                if board_id in self.local:
+                    self._totals[board_id] = sum(m.connections for m in members)
 
     async def clear(self) -> None:
         """A clean stop: this instance's members leave at once (close 1001 came first)."""
