@@ -74,12 +74,16 @@ class RedisKeys:
         return f"{self.prefix}board:{board_id}:seen:{idempotency_key}"
 
     def presence(self, board_id: str) -> str:
-        """Hash: `<instance>:<member id>` → that member's connections on that instance."""
-        return f"{self.prefix}board:{board_id}:presence"
+        """Hash: `<instance>:<member id>` → that member's connections on that instance.
+
+        A board's two presence keys share the hash tag `{<board id>}` (board ids hold no
+        braces), so the one Lua step that changes both stays on one Redis Cluster slot.
+        """
+        return f"{self.prefix}presence:{{{board_id}}}:connections"
 
     def presence_members(self, board_id: str) -> str:
         """Hash: member id → its connections summed over every instance (joins and leaves)."""
-        return f"{self.prefix}board:{board_id}:members"
+        return f"{self.prefix}presence:{{{board_id}}}:members"
 
     @property
     def presence_instances(self) -> str:

@@ -1,10 +1,11 @@
 """Board presence in Redis, shared by every ingress replica.
 
-Per board, `RedisKeys.presence` holds `<instance>:<member id>` → `<connections> <member JSON>`
-and `RedisKeys.presence_members` each member's connections summed over instances. One Lua
-step changes both and publishes the `join` or `leave` it causes on the presence channel, so a
-member joins once and leaves once however many connections it has on however many replicas,
-and every process hears a board's changes in the order they happened.
+Per board (both keys under one hash tag), `RedisKeys.presence` holds `<instance>:<member id>`
+→ `<connections> <member JSON>` and `RedisKeys.presence_members` each member's connections
+summed over instances. One Lua step changes both and publishes the `join` or `leave` it
+causes on the presence channel, so a member joins once and leaves once however many
+connections it has on however many replicas, and every process hears a board's changes in
+the order they happened.
 
 Each instance beats (`RedisKeys.presence_instances`: instance → expiry in ms) and lists the
 boards it holds. Any instance reaps one whose expiry passed: a claim (only one reaper wins
@@ -150,7 +151,7 @@ class RedisPresence:
         counts: dict[str, int] = {}
         names: dict[str, str | None] = {}
         for (instance, _, member_id), (count, _, member) in held:
-            if instance in alive:
+            if instance in alive and count.isdigit():  # anything else is not ours
                 counts[member_id] = counts.get(member_id, 0) + int(count)
                 names[member_id] = orjson.loads(member).get("name")
         return [PresenceEntry(id=m, name=names[m], connections=n) for m, n in counts.items()]
