@@ -73,6 +73,11 @@ lint: setup
     {{uv}} run ruff check .
     {{uv}} run mypy libs/envelope/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src
 
+# Copy the client module (clients/js) into the ingress's static files, which serve and ship it.
+[group('check')]
+client-copy:
+    cp clients/js/realtime.js clients/js/transports.js clients/js/transport-base.js clients/js/event-source.js services/ingress-ws/src/ingress_ws/static/
+
 # Rewrite the envelope's JSON Schema from the models.
 [group('check')]
 schema: setup

@@ -49,7 +49,7 @@ async def in_modules(page: Page, body: str) -> Any:
     """Evaluates `body` (an async function body) with the three modules imported."""
     return await page.evaluate(
         f"""async () => {{
-            const connections = await import("/static/connections.js");
+            const connections = await import("/static/transports.js");
             const eventlog = await import("/static/eventlog.js");
             {body}
         }}"""

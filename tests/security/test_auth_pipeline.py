@@ -139,6 +139,48 @@ async def test_the_sse_stream_ends_when_its_jwt_expires(pipeline: Suite) -> None
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.brokers
+async def test_a_stream_back_with_a_fresh_jwt_and_last_event_id_loses_nothing(
+    pipeline: Suite,
+) -> None:
+    """Contract 13 for SSE: the stream ends with `close`/`token_expired`; events published
+    while the client is away arrive after it comes back with a new JWT and `Last-Event-ID`,
+    each once and in order."""
+    ingress, gateway = service(pipeline, "ingress"), service(pipeline, "gateway")
+    xff = {"X-Forwarded-For": "203.0.113.12"}
+    board_id = "refresh-sse"
+    stream_url = f"{gateway.url}/sse/boards/{board_id}"
+    async with board(
+        f"{ingress.ws_url}/ws/boards/{board_id}?token={TOKEN}", additional_headers=xff
+    ) as publisher:
+
+        async def publish(n: int) -> None:
+            await publisher.send(payload={"n": n})
+            await publisher.next("ack", 15)
+
+        short = hs256([board_id], ttl=4)
+        async with sse(stream_url, headers={"Authorization": f"Bearer {short}", **xff}) as stream:
+            for n in range(3):
+                await publish(n)
+            first = [await stream.next(15) for _ in range(3)]
+            closing = await stream.next(20, kind="close")
+        assert orjson.loads(closing.data)["reason"] == "token_expired"
+        for n in range(3, 6):  # while the client is away
+            await publish(n)
+        fresh = hs256([board_id], ttl=60)
+        headers = {"Authorization": f"Bearer {fresh}", "Last-Event-ID": str(first[-1].id), **xff}
+        async with sse(stream_url, headers=headers) as stream:
+            await publish(6)
+            resumed = [await stream.next(15) for _ in range(4)]
+            await asyncio.sleep(1)  # anything more would be a duplicate
+            while not stream.events.empty():
+                assert stream.events.get_nowait().event != "activity"
+    numbers = [event.json()["payload"]["n"] for event in first + resumed]
+    assert numbers == list(range(7))
+    sequences = [event.json()["sequence"] for event in first + resumed]
+    assert sequences == list(range(sequences[0], sequences[0] + 7))
+
+
 def test_services_refuse_to_start_on_unsafe_settings_without_printing_secrets() -> None:
     """A real process; the other unsafe settings (every service's settings class, wildcard,
     `null` and malformed origins) go through the same `load_settings` in-process below."""

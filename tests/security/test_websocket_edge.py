@@ -72,6 +72,8 @@ async def test_a_live_socket_is_closed_when_its_token_expires(ingress: Service) 
     token = hs256(["expiring"], ttl=3)
     async with websockets.connect(f"{ingress.ws_url}/ws/boards/expiring?token={token}") as ws:
         await ws.send(orjson.dumps({"type": "probe", "payload": {}}).decode())
+        # Under 30 s left (ADVANCED_AUTH_REFRESH_WARNING_SECONDS): warned at once, then acked.
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["kind"] == "expiring"
         assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["kind"] == "ack"
         started = time.monotonic()
         with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -99,6 +101,8 @@ async def test_a_live_socket_is_closed_when_its_token_expires(ingress: Service) 
             {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "websocket"},
             4403,
         ),  # browser, Origin stripped
+        ({"Sec-Fetch-Dest": "websocket"}, 4403),  # browser, Origin stripped
+        ({"Sec-Fetch-Mode": "websocket"}, None),  # Node's WebSocket (undici): no Origin
     ],
 )
 async def test_the_origin_allowlist_is_exact(

@@ -91,7 +91,8 @@ class BoardClient:
         with contextlib.suppress(websockets.ConnectionClosed):
             async for raw in self.connection:
                 frame = orjson.loads(raw)
-                await self.frames[frame["kind"]].put(frame)
+                # Kinds beyond the four (`expiring`, `presence`, …) get a queue of their own.
+                await self.frames.setdefault(frame["kind"], asyncio.Queue()).put(frame)
 
     async def send(
         self,
@@ -106,7 +107,7 @@ class BoardClient:
         return correlation_id
 
     async def next(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
-        return await asyncio.wait_for(self.frames[kind].get(), timeout)
+        return await asyncio.wait_for(self.frames.setdefault(kind, asyncio.Queue()).get(), timeout)
 
     async def close(self) -> None:
         await self.connection.close()

@@ -12,6 +12,7 @@ from envelope.models import (
     BoardEventEnvelope,
     BoardMessage,
     EventFrame,
+    RefreshRequest,
     ResumeRequest,
     is_board_id,
 )
@@ -45,10 +46,19 @@ def test_a_resume_request_is_parsed() -> None:
     )
 
 
+def test_a_refresh_request_is_parsed() -> None:
+    assert codec.decode_client_frame('{"kind":"refresh","token":"a.b.c"}', 100) == RefreshRequest(
+        kind="refresh", token="a.b.c"
+    )
+
+
 @pytest.mark.parametrize(
     ("raw", "where"),
     [
         ("not json", "not valid JSON"),
+        ('{"kind":"refresh"}', "Field 'token'"),
+        ('{"kind":"refresh","token":""}', "Field 'token'"),
+        ('{"kind":"refresh","token":7}', "Field 'token'"),
         ("[1,2]", "JSON object"),
         ('{"payload":{}}', "Field 'type'"),
         ('{"type":"Bad Type","payload":{}}', "Field 'type'"),

@@ -16,6 +16,7 @@ from envelope.models import (
     SCHEMA_VERSION,
     BoardEventEnvelope,
     BoardMessage,
+    RefreshRequest,
     ResumeRequest,
 )
 
@@ -64,7 +65,10 @@ def client_id_of(raw: str | bytes | None) -> str | None:
     return found if isinstance(found, str) and _CLIENT_ID.fullmatch(found) else None
 
 
-def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessage | ResumeRequest:
+ClientFrame = BoardMessage | ResumeRequest | RefreshRequest
+
+
+def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> ClientFrame:
     """Parse one client text frame, raising `InvalidFrame` with the contract's code."""
     try:
         data = orjson.loads(raw)
@@ -76,6 +80,8 @@ def decode_client_frame(raw: str | bytes, max_payload_bytes: int) -> BoardMessag
     try:
         if data.get("kind") == "resume":
             return ResumeRequest.model_validate(data)
+        if data.get("kind") == "refresh":
+            return RefreshRequest.model_validate(data)
         message = BoardMessage.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]

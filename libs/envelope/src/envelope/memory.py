@@ -65,8 +65,9 @@ class MemoryBroker:
 class MemoryStore:
     """Redis as the suite uses it: relay step, board and activity streams, pub/sub."""
 
-    def __init__(self, retention: int = 10_000) -> None:
+    def __init__(self, retention: int = 10_000, retention_seconds: float = 0) -> None:
         self._retention = retention
+        self._retention_ms = int(retention_seconds * 1000)  # 0: by count only
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._sequences: dict[str, int] = {}
         self._epochs: dict[str, str] = {}
@@ -92,11 +93,20 @@ class MemoryStore:
         relayed = RelayedEvent(stream_id, board_id, sequence, event, epoch)
         self._boards.setdefault(board_id, deque(maxlen=self._retention)).append(relayed)
         self._activity.append(relayed)
+        self._trim(self._activity)
         self._seen[(board_id, correlation_id)] = (sequence, now + ttl_seconds)
         frame = relayed.to_frame()
         for subscriber in self._subscribers:
             subscriber.put_nowait(frame)
         return RelayOutcome(True, sequence, stream_id, len(self._subscribers), epoch)
+
+    def _trim(self, events: deque[RelayedEvent] | None) -> None:
+        """Drop what is older than the time-based retention (Redis: XTRIM MINID, PEXPIRE)."""
+        if not self._retention_ms or not events:
+            return
+        cutoff = int(time.time() * 1000) - self._retention_ms
+        while events and stream_id_key(events[0].stream_id)[0] < cutoff:
+            events.popleft()
 
     def expire_board(self, board_id: str) -> None:
         """What Redis does to a board idle for `ADVANCED_BOARD_IDLE_TTL_SECONDS`: its sequence
@@ -124,6 +134,7 @@ class MemoryStore:
     async def board_after(
         self, board_id: str, sequence: int, count: int = PAGE
     ) -> list[RelayedEvent]:
+        self._trim(self._boards.get(board_id))
         events = self._boards.get(board_id, ())
         return list(itertools.islice((e for e in events if e.sequence > sequence), count))
 
@@ -134,6 +145,7 @@ class MemoryStore:
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
         events = self._boards.get(board_id)
+        self._trim(events)
         if not events:
             return 0, 0
         return events[0].sequence, events[-1].sequence

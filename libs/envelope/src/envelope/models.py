@@ -65,6 +65,17 @@ class ResumeRequest(_Wire):
     epoch: Epoch | None = None
 
 
+class RefreshRequest(_Wire):
+    """A client's request to replace its socket's credential without reconnecting.
+
+    The new credential must be valid and grant the socket's board (else close 4401 / 4403);
+    the server answers `RefreshedFrame`.
+    """
+
+    kind: Literal["refresh"]
+    token: str = Field(min_length=1, max_length=8192)
+
+
 class BoardEventEnvelope(_Wire):
     """What the ingress publishes to RabbitMQ for one accepted `BoardMessage`."""
 
@@ -111,8 +122,15 @@ class AckFrame(_Wire):
 
 class ErrorFrame(_Wire):
     kind: Literal["error"] = "error"
+    # `unauthorized` and `forbidden` answer HTTP API requests only (401, 403): a WebSocket
+    # is closed with 4401 or 4403 instead.
     code: Literal[
-        "invalid_message", "payload_too_large", "rate_limited", "unavailable", "forbidden"
+        "invalid_message",
+        "payload_too_large",
+        "rate_limited",
+        "unavailable",
+        "forbidden",
+        "unauthorized",
     ]
     message: str
     correlation_id: str | None = None
@@ -134,6 +152,21 @@ class ResetFrame(_Wire):
     # epoch, or Redis lost its data); drop the old cursor, the events that follow are the new.
     reason: Literal["cursor_expired", "history_lost"] = "cursor_expired"
     oldest_cursor: str | None
+
+
+class RefreshedFrame(_Wire):
+    """The answer to a `RefreshRequest`: the socket now runs on the new credential."""
+
+    kind: Literal["refreshed"] = "refreshed"
+    expires_at: AwareDatetime | None  # None: the credential does not expire
+
+
+class ExpiringFrame(_Wire):
+    """Sent at least `ADVANCED_AUTH_REFRESH_WARNING_SECONDS` before the socket's credential
+    expires: send a `refresh` frame before `expires_at`, or the socket closes with 4401."""
+
+    kind: Literal["expiring"] = "expiring"
+    expires_at: AwareDatetime
 
 
 PresenceAction = Literal["join", "leave"]

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from envelope.api import HistoryPage, PublishAccepted, PublishBatchReply, PublishBatchRequest
 from envelope.models import (
     AckFrame,
     ActivityEvent,
@@ -19,8 +20,11 @@ from envelope.models import (
     BoardMessage,
     ErrorFrame,
     EventFrame,
+    ExpiringFrame,
     PresenceFrame,
     PresenceSnapshot,
+    RefreshedFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
 )
@@ -34,6 +38,14 @@ MODELS: dict[str, type[BaseModel]] = {
     "event-frame": EventFrame,
     "error-frame": ErrorFrame,
     "reset-frame": ResetFrame,
+    "refresh-request": RefreshRequest,
+    "refreshed-frame": RefreshedFrame,
+    "expiring-frame": ExpiringFrame,
+    # The HTTP API's bodies (a refusal's body is the error frame).
+    "publish-accepted": PublishAccepted,
+    "publish-batch-request": PublishBatchRequest,
+    "publish-batch-reply": PublishBatchReply,
+    "history-page": HistoryPage,
     "presence-frame": PresenceFrame,
     "presence-snapshot": PresenceSnapshot,
 }

@@ -117,8 +117,10 @@ def websocket_origin_allowed(
 
 
 def shows_browser_marks(headers: Mapping[str, str]) -> bool:
-    """Fetch metadata headers are set by browsers only (scripts do not bother)."""
-    return any(name in headers for name in ("sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest"))
+    """Fetch metadata headers that browsers set and scripts do not. `Sec-Fetch-Mode` alone is
+    no such mark: Node's own fetch() and WebSocket (undici) send it, with no `Sec-Fetch-Site`
+    or `Sec-Fetch-Dest` and no `Origin`; every browser that sends one sends all three."""
+    return any(name in headers for name in ("sec-fetch-site", "sec-fetch-dest"))
 
 
 def hardened_http_protocol(header_timeout: float) -> type[asyncio.Protocol]:

@@ -55,6 +55,11 @@ class SuiteSettings(BaseSettings):
     redis_connect_timeout_seconds: float = Field(default=5, gt=0)
     redis_idempotency_ttl_seconds: int = Field(default=300, ge=1)
     replay_retention: int = Field(default=10_000, ge=1)
+    # Beside the count: events older than this may be trimmed from the retained streams (the
+    # relay trims on each write; an idle board's stream expires this long after its last
+    # event). 0, the default: by count only, and ADVANCED_BOARD_IDLE_TTL_SECONDS bounds an
+    # idle board's history instead.
+    replay_retention_seconds: int = Field(default=0, ge=0)
 
     rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     rabbitmq_exchange: str = "advanced.board.events"

@@ -48,9 +48,11 @@ from starlette.routing import WebSocketRoute
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.admission import HandshakeRate, SocketSlots, credential_key
+from ingress_ws.http_api import PublishRate, add_http_api
 from ingress_ws.presence import BoardPresence, PresenceStore, is_client_id, render_event_frame
 from ingress_ws.presence_api import add_presence_api
 from ingress_ws.publisher import EventPublisher, MemoryPublisher
+from ingress_ws.refresh import CredentialLease
 from ingress_ws.sessions import (
     CLOSE_BAD_BOARD,
     CLOSE_FORBIDDEN,
@@ -197,7 +199,8 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         allow_origins=settings.allowed_origins,
         allow_credentials=True,  # POST /session from a listed page sets the session cookie
         allow_methods=["GET", "POST", "DELETE"],
-        allow_headers=["Authorization", "Content-Type"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        expose_headers=["Retry-After"],
     )
 
     async def readiness() -> dict[str, bool]:
@@ -213,6 +216,12 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         }
 
     add_operations(app, settings, registry, readiness, exempt=limiter.exempt)
+    publish_rate = PublishRate(
+        rate_limit_storage(settings), parse(settings.http_publish_rate_limit)
+    )
+    add_http_api(
+        app, settings, authenticator, lambda: holder["runtime"], publish_rate, exempt=limiter.exempt
+    )
     add_presence_api(app, authenticator, lambda: holder["runtime"].presence)
 
     @app.get("/", include_in_schema=False)
@@ -350,14 +359,23 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if not slots.take(key):
             await websocket.close(CLOSE_TRY_AGAIN, "too many sockets for this credential")
             return
+        lease = CredentialLease(
+            principal,
+            key,
+            slots=slots,
+            authenticator=authenticator,
+            board_id=board_id,
+            client=client,
+            warning_seconds=settings.auth_refresh_warning_seconds,
+        )
         try:
             # Validated where it is replayed (`parse_board_cursor`): an invalid one gets a reset.
             query = websocket.query_params
             cursor = query.get("after") or query.get("last_event_id")
             resume = None if cursor is None else (cursor, query.get("epoch") or None)
-            await BoardSocket(websocket, board_id, principal, runtime).run(resume)
+            await BoardSocket(websocket, board_id, lease, runtime).run(resume)
         finally:
-            slots.release(key)
+            lease.release()  # the credential's place, the refreshed one's if it changed
 
     # Starlette's route, not FastAPI's: no dependency injection to resolve, and none of its
     # per-request state held for the socket's whole life (≈ 4 KiB per idle socket).

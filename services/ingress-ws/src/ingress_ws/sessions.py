@@ -8,24 +8,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import orjson
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
-from envelope.auth import Principal
 from envelope.codec import InvalidFrame
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
-    SCHEMA_VERSION,
     AckFrame,
-    BoardEventEnvelope,
     BoardMessage,
     ErrorFrame,
+    RefreshRequest,
     ResetFrame,
     ResumeRequest,
-    utcnow,
 )
-from envelope.observability import DeliveryTracker, inject_trace_context
+from envelope.observability import DeliveryTracker
 from envelope.presence import is_presence
 from envelope.service import delivery_latency_histogram
 from limits import RateLimitItem, parse
@@ -33,17 +29,17 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import ValidationError
+from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import BoardPresence, member_of
-from ingress_ws.publisher import EventPublisher, PublishUnavailable
+from ingress_ws.publisher import EventPublisher
+from ingress_ws.publishing import TRANSPORTS, publish_board_event
+from ingress_ws.refresh import CredentialLease
 from ingress_ws.settings import IngressSettings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
-tracer = trace.get_tracer("ingress_ws")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -62,13 +58,14 @@ class IngressMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(
             "advanced_board_events_published",
-            "Board events published to RabbitMQ, by status.",
-            ["status"],
+            "Board events published to RabbitMQ, by status and transport (websocket, http).",
+            ["status", "transport"],
             registry=registry,
         )
         self.publish_duration = Histogram(
             "advanced_board_event_publish_duration_seconds",
-            "Time from a frame's arrival to RabbitMQ's publisher confirm.",
+            "Time from an event's arrival to RabbitMQ's publisher confirm, by transport.",
+            ["transport"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
@@ -105,8 +102,10 @@ class IngressMetrics:
         )
         # One span per event fanned out here; latency observed at each socket write.
         self.delivery = DeliveryTracker("websocket", self.latency.labels("websocket").observe)
-        for status in ("success", "error"):
-            self.published.labels(status)
+        for transport in TRANSPORTS:
+            self.publish_duration.labels(transport)
+            for status in ("success", "error"):
+                self.published.labels(status, transport)
 
 
 class MessageBudget:
@@ -190,14 +189,16 @@ class IngressRuntime:
 
 class BoardSocket:
     def __init__(
-        self, websocket: WebSocket, board_id: str, principal: Principal, runtime: IngressRuntime
+        self, websocket: WebSocket, board_id: str, lease: CredentialLease, runtime: IngressRuntime
     ) -> None:
         self.websocket = websocket
         self.board_id = board_id
-        self.principal = principal
+        self.lease = lease  # the credential, replaced by `refresh` frames (ingress_ws.refresh)
         self.runtime = runtime
         self.sender = uuid.uuid4().hex
-        self.member = member_of(principal, websocket.query_params.get("client_id"), self.sender)
+        self.member = member_of(
+            lease.principal, websocket.query_params.get("client_id"), self.sender
+        )
         self._send_lock = asyncio.Lock()
         self._last_sequence = 0
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -232,9 +233,8 @@ class BoardSocket:
                 # A writer stuck in a send to a client that stopped reading would never see
                 # the overflow: it is cut off there.
                 subscription.on_overflow = writer.cancel
-                tasks = [asyncio.create_task(self._read()), writer]
-                if self.principal.expires_at is not None:
-                    tasks.append(asyncio.create_task(self._expire(self.principal.expires_at)))
+                expiry = asyncio.create_task(self.lease.watch(self._send, self.close))
+                tasks = [asyncio.create_task(self._read()), writer, expiry]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     if subscription.overflowed:
@@ -347,6 +347,10 @@ class BoardSocket:
                 if self._subscription is not None:
                     self._subscription.wake()  # the writer takes it up between batches
                 continue
+            if isinstance(frame, RefreshRequest):
+                if not await self.lease.refresh(frame.token, self._send, self.close):
+                    return
+                continue
             await self._in_flight.acquire()
             task = asyncio.create_task(self._publish(frame, time.perf_counter()))
             self._publishes.add(task)
@@ -359,7 +363,7 @@ class BoardSocket:
             reply = await self._publish_traced(message, correlation_id, started)
         except Exception:
             # A frame is never left unanswered by a task that died: the client hears of it.
-            self.runtime.metrics.published.labels("error").inc()
+            self.runtime.metrics.published.labels("error", "websocket").inc()
             self.runtime.metrics.frames.labels("unavailable").inc()
             self._log.exception("publishing a frame failed", correlation_id=correlation_id)
             reply = ErrorFrame(
@@ -374,85 +378,22 @@ class BoardSocket:
     async def _publish_traced(
         self, message: BoardMessage, correlation_id: str, started: float
     ) -> AckFrame | ErrorFrame:
-        metrics = self.runtime.metrics
         # Each accepted frame starts a trace of its own (an empty parent context), however
-        # long the connection lives; it began when the frame was taken up, at `started`.
-        received_ns = time.time_ns() - int((time.perf_counter() - started) * 1e9)
-        with tracer.start_as_current_span(
-            "receive board event",
-            context=otel_context.Context(),
-            kind=trace.SpanKind.SERVER,
-            start_time=received_ns,
-            attributes={"board.id": self.board_id, "board.event.type": message.type},
-        ) as received:
-            with tracer.start_as_current_span(
-                "publish board event",
-                kind=trace.SpanKind.PRODUCER,
-                attributes={"board.id": self.board_id, "messaging.system": "rabbitmq"},
-            ):
-                try:
-                    # Validated, not constructed: the ingress never publishes an envelope the
-                    # worker would refuse (and dead-letter after the client's `ack`).
-                    envelope = BoardEventEnvelope(
-                        schema_version=SCHEMA_VERSION,
-                        event_id=uuid.uuid4(),
-                        correlation_id=correlation_id,
-                        board_id=self.board_id,
-                        type=message.type,
-                        payload=message.payload,
-                        sender=self.sender,
-                        occurred_at=utcnow(),
-                        trace_context=inject_trace_context(),
-                        idempotency_scope=self.principal.idempotency_scope,
-                    )
-                    body = codec.dumps(envelope)
-                except (ValidationError, orjson.JSONEncodeError) as exc:
-                    metrics.frames.labels("invalid_message").inc()
-                    received.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                    return ErrorFrame(
-                        code="invalid_message",
-                        message="The event cannot be stored as sent; change it before resending.",
-                        correlation_id=correlation_id,
-                    )
-                received.set_attributes(
-                    {
-                        "messaging.message.id": str(envelope.event_id),
-                        "messaging.message.conversation_id": envelope.correlation_id,
-                    }
-                )
-                unconfirmed = self.runtime.unconfirmed
-                if not unconfirmed.reserve(len(body)):
-                    # RabbitMQ is slow to confirm and this process already holds its share:
-                    # refuse at once rather than hold more memory or stall the reader.
-                    metrics.published.labels("error").inc()
-                    metrics.frames.labels("unavailable").inc()
-                    received.set_status(trace.StatusCode.ERROR, "unconfirmed bytes at the bound")
-                    return ErrorFrame(
-                        code="unavailable",
-                        message="Too many events await the broker's confirm; "
-                        "retry with the same id shortly.",
-                        correlation_id=correlation_id,
-                    )
-                try:
-                    await self.runtime.publisher.publish(envelope, body, envelope.trace_context)
-                except PublishUnavailable as exc:
-                    metrics.published.labels("error").inc()
-                    metrics.frames.labels("unavailable").inc()
-                    received.set_status(trace.StatusCode.ERROR, str(exc))
-                    self._log.warning(
-                        "publish failed", reason=str(exc), correlation_id=correlation_id
-                    )
-                    return ErrorFrame(
-                        code="unavailable",
-                        message="The event could not be stored; retry with the same id.",
-                        correlation_id=correlation_id,
-                    )
-                finally:
-                    unconfirmed.release(len(body))
-            metrics.published.labels("success").inc()
-            metrics.frames.labels("accepted").inc()
-            metrics.publish_duration.observe(time.perf_counter() - started)
-            return AckFrame(correlation_id=envelope.correlation_id, event_id=envelope.event_id)
+        # long the connection lives.
+        reply = await publish_board_event(
+            self.runtime,
+            self.board_id,
+            message,
+            correlation_id=correlation_id,
+            sender=self.sender,
+            idempotency_scope=self.lease.principal.idempotency_scope,
+            started=started,
+            transport="websocket",
+            parent=otel_context.Context(),
+        )
+        outcome = "accepted" if isinstance(reply, AckFrame) else reply.code
+        self.runtime.metrics.frames.labels(outcome).inc()
+        return reply
 
     async def _write(self, subscription: Subscription[str]) -> None:
         written = self.runtime.metrics.delivery.written
@@ -490,10 +431,6 @@ class BoardSocket:
                     self._last_sequence = event.sequence
                     written(event)
 
-    async def _expire(self, expires_at: float) -> None:
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
-        await self.close(CLOSE_UNAUTHORISED, "token expired")
-
     async def _refuse(self, error: InvalidFrame) -> None:
         self.runtime.metrics.frames.labels(error.code).inc()
         await self._send(
@@ -506,7 +443,7 @@ class BoardSocket:
             )
         )
 
-    async def _send(self, frame: AckFrame | ErrorFrame) -> None:
+    async def _send(self, frame: BaseModel) -> None:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(frame).decode())

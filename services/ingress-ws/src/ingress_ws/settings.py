@@ -32,6 +32,9 @@ class IngressSettings(SuiteSettings):
     websocket_write_stall_seconds: float = Field(default=30, gt=0)
     # Refuse handshakes without an Origin header (no scripts or websocat then).
     websocket_require_origin: bool = False
+    # An `expiring` frame goes out this long before a socket's credential expires, so the
+    # client can send a `refresh` frame in time (contract section 13).
+    auth_refresh_warning_seconds: float = Field(default=30, ge=0)
     session_ttl_seconds: int = Field(default=3600, ge=60)
     # None: Secure outside development (browsers treat http://localhost as secure anyway).
     session_cookie_secure: bool | None = None
@@ -40,13 +43,16 @@ class IngressSettings(SuiteSettings):
     # gateway listens on), so moving the gateway's port moves the page with it.
     sse_public_url: str | None = None
     sse_port: int = 8005
+    # Events published over the HTTP API per credential (a JWT's subject; the shared token per
+    # client address), across replicas: a batch counts each of its events.
+    http_publish_rate_limit: str = "100/second"
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
     # A crashed replica's board members are gone within this: instances beat every quarter of
     # it and expire after half, and any live replica reaps an expired one.
     presence_ttl_seconds: float = Field(default=30, ge=1)
 
-    @field_validator("websocket_resume_rate_limit")
+    @field_validator("websocket_resume_rate_limit", "http_publish_rate_limit")
     @classmethod
     def _a_rate_limit(cls, value: str) -> str:
         try:

@@ -73,7 +73,11 @@ def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = N
             keys = settings.redis_keys
             relay = Relay(
                 RedisRelayStore(
-                    client, keys, settings.replay_retention, settings.board_idle_ttl_seconds
+                    client,
+                    keys,
+                    settings.replay_retention,
+                    settings.board_idle_ttl_seconds,
+                    settings.replay_retention_seconds,
                 ),
                 settings,
                 metrics,

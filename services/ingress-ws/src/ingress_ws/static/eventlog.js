@@ -2,7 +2,7 @@
 // A message sent from this window gets its row at once (queued, sent, acked), and the row
 // fills in as the event comes back over the WebSocket and the SSE stream.
 
-import { parseTime } from "./connections.js";
+import { parseTime } from "./transports.js";
 
 const MAX_ROWS = 500; // older rows are dropped so that a long session stays light
 const TRANSPORTS = [

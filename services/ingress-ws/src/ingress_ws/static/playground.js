@@ -1,7 +1,7 @@
 // The playground: connects one board over both transports and shows what each delivers.
 // Served as static modules with no inline script, so it runs under the suite's CSP.
 
-import { Backoff, SocketTransport, StreamTransport } from "./connections.js";
+import { Backoff, SocketTransport, StreamTransport, socketUrl, streamUrl } from "./transports.js";
 import { EventLog } from "./eventlog.js";
 
 const BOARD_ID = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -34,28 +34,6 @@ function gatewayBase(publicUrl) {
   const base = new URL(publicUrl || "/", location.href);
   if (!base.pathname.endsWith("/")) base.pathname += "/";
   return base;
-}
-
-/** `token` null: the session cookie is the credential, and no token goes into the URL. */
-/** `after` and `epoch`: the cursor, the last event's `sequence` and the board's `epoch` it
- *  counts in (a board that started again has a new one, and its old numbers are refused). */
-function socketUrl(board, token, { after, epoch }) {
-  const url = new URL(`/ws/boards/${encodeURIComponent(board)}`, location.href);
-  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  if (token) url.searchParams.set("token", token);
-  if (after > 0) {
-    url.searchParams.set("after", String(after));
-    if (epoch) url.searchParams.set("epoch", epoch);
-  }
-  return url.toString();
-}
-
-/** The board stream's `Last-Event-ID` form is `<sequence>.<epoch>`. */
-function streamUrl(base, board, token, { after, epoch }) {
-  const url = new URL(`sse/boards/${encodeURIComponent(board)}`, base);
-  if (token) url.searchParams.set("token", token);
-  if (after > 0) url.searchParams.set("last_event_id", epoch ? `${after}.${epoch}` : String(after));
-  return url.toString();
 }
 
 /** Trade the token for the ingress's HttpOnly session cookie (`POST /session`), so that it
@@ -284,7 +262,8 @@ class Playground {
 
     const { reconnect_initial_ms: initial, reconnect_max_ms: max } = this.config;
     this.socket = new SocketTransport(
-      (cursor) => socketUrl(board, cookie.ws ? null : token, cursor),
+      // `token` null: the session cookie is the credential, and no token goes into the URL.
+      (cursor) => socketUrl(location.origin, board, cookie.ws ? null : token, cursor),
       new Backoff(initial, max),
       this.handlers("ws", this.wsStatus, {
         onFatal: refused("ws", () => this.socket),
@@ -304,7 +283,7 @@ class Playground {
       }),
     );
     this.stream = new StreamTransport(
-      (cursor) => streamUrl(this.gateway, board, cookie.sse ? null : token, cursor),
+      (cursor) => streamUrl(this.gateway.href, board, cookie.sse ? null : token, cursor),
       new Backoff(initial, max),
       this.handlers("sse", this.sseStatus, { onFatal: refused("sse", () => this.stream) }),
       { withCredentials: cookie.sse },

@@ -26,7 +26,8 @@ from redis.exceptions import NoScriptError
 # (evicted, a partial restore) goes on after the stream's newest entry, and the step says so.
 # A board that starts from nothing (new, or every key expired after ARGV[6] ms idle) gets a
 # new epoch, the Redis time in ms, after any epoch still stored: a cursor of the old history
-# can then never be read as one of the new.
+# can then never be read as one of the new. With ARGV[7] ms of time-based retention, entries
+# older than that are trimmed from both streams (the activity stream's ids are its times).
 RELAY_SCRIPT = """#!lua
 local seen = redis.call('GET', KEYS[1])
 if seen then return {0, tonumber(seen), '', 0, '', 0} end
@@ -61,14 +62,37 @@ local gid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
   'b', ARGV[2], 's', seq, 'p', epoch, 'e', body)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'a', gid, 'p', epoch, 'e', body)
 local idle = tonumber(ARGV[6])
+local keep = tonumber(ARGV[7])
+if keep > 0 then
+  local now = redis.call('TIME')
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - keep
+  redis.call('XTRIM', KEYS[4], 'MINID', cutoff)
+  -- The board stream's ids are sequences: an entry's time is its activity id (field a). At
+  -- most 100 entries a step, so a long-idle board is trimmed over its next few events.
+  local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 100)
+  local first = nil
+  for _, entry in ipairs(head) do
+    local at = nil
+    for i = 1, #entry[2], 2 do
+      if entry[2][i] == 'a' then at = tonumber(string.match(entry[2][i + 1], '^%d+')) end
+    end
+    first = entry[1]
+    if at == nil or at >= cutoff then break end
+    first = (tonumber(string.match(entry[1], '^%d+')) + 1) .. '-0'
+  end
+  if first then redis.call('XTRIM', KEYS[3], 'MINID', first) end
+end
+local stream_ttl = idle
+if keep > 0 and (idle == 0 or keep < idle) then stream_ttl = keep end
 if idle > 0 then
   redis.call('SET', KEYS[2], seq, 'PX', idle)
   redis.call('SET', KEYS[5], epoch, 'PX', idle)
-  redis.call('PEXPIRE', KEYS[3], idle)
 else
   redis.call('SET', KEYS[2], seq)
   redis.call('SET', KEYS[5], epoch)
 end
+-- Every entry of an idle board is past the time limit once its newest is: the stream goes.
+if stream_ttl > 0 then redis.call('PEXPIRE', KEYS[3], stream_ttl) end
 redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
 local frame = gid .. ' ' .. ARGV[2] .. ' ' .. seq .. ' ' .. epoch .. '\\n' .. body
 local receivers = redis.call('PUBLISH', ARGV[5], frame)
@@ -78,12 +102,18 @@ return {1, seq, gid, receivers, epoch, recovered}
 
 class RedisRelayStore:
     def __init__(
-        self, client: redis.Redis, keys: RedisKeys, retention: int, idle_ttl_seconds: int = 0
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        retention: int,
+        idle_ttl_seconds: int = 0,
+        retention_seconds: float = 0,
     ) -> None:
         self._client = client
         self._keys = keys
         self._retention = retention
         self._idle_ttl_ms = idle_ttl_seconds * 1000  # 0: a board's keys never expire
+        self._retention_ms = int(retention_seconds * 1000)  # 0: by count only
         self._script = client.register_script(RELAY_SCRIPT)
 
     def _step(self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int) -> Any:
@@ -103,6 +133,7 @@ class RedisRelayStore:
                 self._retention,
                 keys.activity_channel,
                 self._idle_ttl_ms,
+                self._retention_ms,
             ],
         }
 
