@@ -421,6 +421,8 @@ class BoardSocket:
                 continue
             async with self._send_lock:
                 for event, frame in batch:
+                    if self.websocket.application_state != WebSocketState.CONNECTED:
+                        return  # the server closed it meanwhile (a policy close): no more sends
                     if is_presence(event):  # not echoed to the member it is about
                         if event.stream_id != self.member.id:
                             await self.websocket.send_text(frame)
