@@ -388,7 +388,7 @@ class Sender:
                 task = asyncio.create_task(self._resend(frame["correlation_id"]))
                 self._resends.add(task)
                 task.add_done_callback(self._resends.discard)
-            else:
+            elif kind != "presence":  # the board's other sockets coming and going
                 self.ledger.refused.append(frame)
 
 

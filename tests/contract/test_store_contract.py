@@ -7,6 +7,7 @@ must behave the same on both, so that tests on the memory transport mean somethi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ import pytest
 import redis.asyncio as redis
 from envelope import codec
 from envelope.feed import ActivityHub, ActivityStore, BoardCursor, RedisActivityStore
-from envelope.memory import MemoryStore
+from envelope.memory import MemoryPresence, MemoryStore
+from envelope.models import PresenceEntry, PresenceFrame, PresenceMember
 from envelope.topology import RedisKeys
 from ingress_ws.adapters.redis import RedisPresence
-from ingress_ws.publisher import PresenceStore
+from ingress_ws.presence import PresenceStore
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers
@@ -42,7 +44,7 @@ class Stores:
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         store = MemoryStore(retention=RETENTION)
-        yield Stores(store, store, store)
+        yield Stores(store, store, MemoryPresence())
         return
     brokers: Brokers = request.getfixturevalue("brokers")
     keys = RedisKeys(prefix=f"t:{uuid.uuid4().hex[:12]}:", activity_channel=f"t:{uuid.uuid4().hex}")
@@ -133,14 +135,89 @@ async def test_the_feed_yields_frames_published_after_subscribing(stores: Stores
     assert outcome.receivers >= 1
 
 
-async def test_presence_sums_instances_and_forgets_expired_ones(stores: Stores) -> None:
-    await stores.presence.set_presence("a", "one", 2, ttl=30)
-    await stores.presence.set_presence("a", "two", 3, ttl=30)
-    await stores.presence.set_presence("a", "gone", 7, ttl=0.05)
-    await asyncio.sleep(0.1)
-    assert await stores.presence.presence_total("a") == 5
-    await stores.presence.set_presence("a", "two", 0, ttl=30)
-    assert await stores.presence.presence_total("a") == 2
+ALICE = PresenceMember(id="alice", name="Alice ✓")
+BOB = PresenceMember(id="bob:1", name=None)
+
+
+async def presence_changes(
+    store: PresenceStore, steps: Any, want: int, timeout: float = 5.0
+) -> list[PresenceFrame]:
+    """Runs `steps()` while listening; the board-prefixed frames it published, parsed."""
+    heard: list[PresenceFrame] = []
+    async with store.changes() as changes:
+        await steps()
+        async with asyncio.timeout(timeout):
+            async for message in changes:
+                board, _, frame = message.partition(b"\n")
+                parsed = PresenceFrame.model_validate_json(frame)
+                assert parsed.board_id == board.decode()
+                heard.append(parsed)
+                if len(heard) == want:
+                    break
+        await asyncio.sleep(0.1)  # nothing more may come
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                async for _ in changes:
+                    raise AssertionError("an extra presence change was published")
+    return heard
+
+
+async def test_presence_joins_once_and_leaves_once_over_instances(stores: Stores) -> None:
+    presence = stores.presence
+    for instance in ("one", "two"):
+        await presence.heartbeat(instance, ["a"], 30)
+
+    async def steps() -> None:
+        await presence.set_member("a", "one", ALICE, 2)
+        await presence.set_member("a", "two", ALICE, 1)
+        await presence.set_member("a", "two", BOB, 1)
+        await presence.set_member("a", "one", ALICE, 0)
+        await presence.set_member("a", "two", ALICE, 0)
+
+    heard = await presence_changes(presence, steps, 3)
+    assert [(f.action, f.member, f.count) for f in heard] == [
+        ("join", ALICE, 1),
+        ("join", BOB, 2),
+        ("leave", ALICE, 1),
+    ]
+    assert await presence.members("a") == [PresenceEntry(id="bob:1", name=None, connections=1)]
+
+
+async def test_a_dead_instance_is_not_counted_and_is_reaped_once(stores: Stores) -> None:
+    presence = stores.presence
+    await presence.heartbeat("live", ["a"], 30)
+    await presence.heartbeat("dying", ["a", "b"], 0.3)
+    await presence.set_member("a", "live", ALICE, 1)
+    await presence.set_member("a", "dying", ALICE, 2)
+    await presence.set_member("a", "dying", BOB, 1)
+    await presence.set_member("b", "dying", BOB, 3)
+    assert {m.id: m.connections for m in await presence.members("a")} == {"alice": 3, "bob:1": 1}
+    await asyncio.sleep(0.4)
+    # Expired: no longer counted, even before any instance reaped it.
+    assert await presence.members("a") == [PresenceEntry(id="alice", name="Alice ✓", connections=1)]
+
+    async def reap_twice() -> None:
+        await asyncio.gather(presence.reap(), presence.reap())
+
+    heard = await presence_changes(presence, reap_twice, 2)
+    assert sorted((f.board_id, f.action, f.member.id, f.count) for f in heard) == [
+        ("a", "leave", "bob:1", 1),
+        ("b", "leave", "bob:1", 0),
+    ]
+    assert await presence.members("b") == []
+
+
+async def test_a_forgotten_instance_leaves_at_once(stores: Stores) -> None:
+    presence = stores.presence
+    await presence.heartbeat("one", ["a"], 30)
+    await presence.set_member("a", "one", ALICE, 1)
+
+    async def forget() -> None:
+        await presence.forget("one")
+
+    heard = await presence_changes(presence, forget, 1)
+    assert [(f.action, f.member.id, f.count) for f in heard] == [("leave", "alice", 0)]
+    assert await presence.members("a") == []
 
 
 async def test_the_hub_delivers_each_event_once_in_order(stores: Stores) -> None:

@@ -41,14 +41,17 @@ def open_board(service: Service, board: str = "abuse", **headers: str) -> RawSoc
 
 
 def reply_kind(raw: RawSocket) -> dict[str, object]:
-    """The next data frame's JSON (pings from the server are answered on the way)."""
+    """The next data frame's JSON (pings from the server are answered on the way; presence
+    frames, the board's other sockets coming and going, are skipped)."""
     while True:
         received = raw.read_frame()
         if received.opcode == OP_PING:
             raw.send(frame(OP_PONG, received.payload))
             continue
         assert received.opcode == OP_TEXT, received
-        return orjson.loads(received.payload)  # type: ignore[no-any-return]
+        reply: dict[str, object] = orjson.loads(received.payload)
+        if reply.get("kind") != "presence":
+            return reply
 
 
 def assert_bystander_fine(service: Service) -> None:

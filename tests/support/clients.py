@@ -83,7 +83,7 @@ class BoardClient:
     def __init__(self, connection: websockets.ClientConnection) -> None:
         self.connection = connection
         self.frames: dict[str, asyncio.Queue[dict[str, Any]]] = {
-            kind: asyncio.Queue() for kind in ("ack", "event", "error", "reset")
+            kind: asyncio.Queue() for kind in ("ack", "event", "error", "reset", "presence")
         }
         self._task = asyncio.create_task(self._pump())
 

@@ -22,6 +22,9 @@ def test_every_redis_name_carries_the_prefix() -> None:
         keys.sequence("b"),
         keys.idempotency("b", "c"),
         keys.presence("b"),
+        keys.presence_members("b"),
+        keys.presence_instances,
+        keys.presence_instance_boards("i"),
         keys.workers,
         keys.partition_lease(1),
     ]

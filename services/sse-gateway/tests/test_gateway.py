@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from envelope import codec
 from envelope.memory import MemoryStore, MemoryTransport
-from envelope.models import BoardEventEnvelope
+from envelope.models import BoardEventEnvelope, PresenceMember
 from fastapi import FastAPI
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
@@ -103,6 +103,43 @@ async def test_live_events_carry_the_board_sequence_as_id(
     epoch = first.json()["epoch"]
     assert (first.id, second.id) == (f"1.{epoch}", f"2.{epoch}") and epoch.isdigit()
     assert first.json()["board_id"] == "demo"
+
+
+async def test_board_streams_carry_presence_in_band_without_an_id(
+    url: str, transport: MemoryTransport
+) -> None:
+    """`event: presence` between the board's events, never counted as one (no `id:`, and a
+    resumed stream's cursor still filters only events)."""
+    presence = transport.presence
+    alice = PresenceMember(id="alice", name="Alice")
+    await presence.heartbeat("ingress-1", ["demo"], 30)
+    async with (
+        sse(f"{url}/sse/boards/demo?token={TOKEN}&last_event_id=0") as stream,
+        sse(f"{url}/sse/activity?token={TOKEN}") as everything,
+    ):
+        await relay(transport, "demo", 1)
+        await stream.next()
+        await presence.set_member("demo", "ingress-1", alice, 2)
+        await presence.set_member("other", "ingress-1", alice, 1)
+        await relay(transport, "demo", 1)
+        # In whichever order the two arrive: both, and nothing else.
+        two = [await asyncio.wait_for(stream.events.get(), 10) for _ in range(2)]
+        joined, second = sorted(two, key=lambda e: e.event != "presence")
+        await presence.set_member("demo", "ingress-1", alice, 0)
+        left = await asyncio.wait_for(stream.events.get(), 10)
+        await relay(transport, "demo", 1)
+        seen = [await asyncio.wait_for(everything.events.get(), 10) for _ in range(3)]
+    assert joined.id is None and joined.json() == {
+        "kind": "presence",
+        "board_id": "demo",
+        "action": "join",
+        "member": {"id": "alice", "name": "Alice"},
+        "count": 1,
+    }
+    assert second.event == "activity" and second.json()["sequence"] == 2 and second.id
+    assert left.event == "presence"
+    assert (left.json()["action"], left.json()["count"]) == ("leave", 0)
+    assert {e.event for e in seen} == {"activity"}  # the activity stream: events only
 
 
 async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(

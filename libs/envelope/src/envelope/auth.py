@@ -52,6 +52,7 @@ class Principal:
     boards: frozenset[str] | None  # None: every board
     expires_at: float | None = None
     kind: str = "token"  # "token", "jwt" or "session": for logs and metrics, never the secret
+    name: str | None = None  # a JWT's optional `name` claim: presence's display name
 
     def may_access(self, board_id: str) -> bool:
         return self.boards is None or board_id in self.boards
@@ -155,6 +156,7 @@ class Authenticator:
             boards=_boards_claim(claims),
             expires_at=_expiry(claims),
             kind="jwt",
+            name=_name_claim(claims),
         )
 
     def issue_session(self, principal: Principal, ttl_seconds: float) -> tuple[str, float]:
@@ -164,13 +166,15 @@ class Authenticator:
         if principal.expires_at is not None:
             expires_at = min(expires_at, principal.expires_at)
         boards = ["*"] if principal.boards is None else sorted(principal.boards)
-        claims = {
+        claims: dict[str, Any] = {
             "sub": principal.subject,
             "boards": boards,
             "aud": SESSION_AUDIENCE,
             "iat": int(now),
             "exp": int(expires_at),
         }
+        if principal.name is not None:
+            claims["name"] = principal.name
         return jwt.encode(claims, self._session_key, algorithm="HS256"), float(int(expires_at))
 
     def _session(self, credential: str) -> Principal | None:
@@ -199,6 +203,7 @@ class Authenticator:
             boards=_boards_claim(claims),
             expires_at=_expiry(claims),
             kind="session",
+            name=_name_claim(claims),
         )
 
 
@@ -215,6 +220,18 @@ def _expiry(claims: Mapping[str, Any]) -> float:
     if not expires_at <= LATEST_EXPIRY:  # also NaN
         raise Unauthorized("The token's 'exp' claim is not a valid time.")
     return expires_at
+
+
+MAX_NAME_LENGTH = 128
+
+
+def _name_claim(claims: Mapping[str, Any]) -> str | None:
+    """The optional `name` claim, shown to a board's members: a non-empty string, cut to
+    `MAX_NAME_LENGTH` characters; anything else is no name (never a refusal)."""
+    name = claims.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return name.strip()[:MAX_NAME_LENGTH]
 
 
 def _boards_claim(claims: Mapping[str, Any]) -> frozenset[str] | None:

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from envelope.codec import RelayedEvent
+from envelope.pubsub import channel_frames
 from envelope.topology import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -40,10 +38,6 @@ MAX_EPOCH = 10**20 - 1  # an epoch is 1-20 digits (`envelope.models.EPOCH_PATTER
 MAX_TRACKED_BOARDS = 10_000
 ResetReason = Literal["cursor_expired", "history_lost"]
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
-# After this long without a frame, the feed pings the subscription connection and expects
-# the reply within as long again: a connection dropped without a reset cannot go unnoticed.
-LIVENESS_SECONDS = 5.0
-LIVENESS_PING = "advanced-feed-liveness"
 # A catch-up or gap-filling read that takes longer is treated as a lost connection (a
 # TimeoutError is an OSError): the hub resubscribes and catches up again.
 READ_TIMEOUT_SECONDS = 30.0
@@ -156,45 +150,8 @@ class RedisActivityStore:
         self._client = client
         self._keys = keys
 
-    @contextlib.asynccontextmanager
-    async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:
-        pubsub = self._client.pubsub()
-        try:
-            await pubsub.subscribe(self._keys.activity_channel)
-            # Wait for the confirmation: only then is every later publish sure to reach us,
-            # and the catch-up read that follows cannot leave a window behind it.
-            confirmation = await pubsub.get_message(timeout=5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
-                raise RedisError("the activity channel subscription was not confirmed")
-            yield self._frames(pubsub)
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    @staticmethod
-    async def _frames(pubsub: PubSub) -> AsyncIterator[bytes]:
-        # redis-py reconnects a pub/sub connection by itself and subscribes again, silently:
-        # frames published in between would be lost. A second subscribe confirmation is how
-        # that shows, and it is raised as a lost connection so the hub catches up.
-        loop = asyncio.get_running_loop()
-        heard_at = loop.time()
-        pinged_at: float | None = None
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            now = loop.time()
-            if message is None:
-                if pinged_at is not None and now - pinged_at > LIVENESS_SECONDS:
-                    raise RedisTimeoutError("the activity subscription stopped answering pings")
-                if pinged_at is None and now - heard_at > LIVENESS_SECONDS:
-                    await pubsub.ping(LIVENESS_PING)
-                    pinged_at = now
-                continue
-            heard_at, pinged_at = now, None
-            kind = message["type"]
-            if kind == "message":
-                yield message["data"]
-            elif kind == "subscribe":
-                raise RedisConnectionError("the activity subscription was re-established")
+    def feed(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return channel_frames(self._client, self._keys.activity_channel, "activity")
 
     async def _ends(self, key: str) -> tuple[str, str] | None:
         first = cast(StreamRows, await self._client.xrange(key, count=1))
@@ -462,6 +419,10 @@ class ActivityHub(Generic[T]):
 
     def local_subscribers(self, board_id: str) -> int:
         return len(self._boards.get(board_id, ()))
+
+    def board_subscriptions(self, board_id: str) -> list[Subscription[T]]:
+        """The board's subscriptions in this process (presence frames are offered to them)."""
+        return list(self._boards.get(board_id, ()))
 
     def subscribe_board(self, board_id: str, maxsize: int) -> Subscription[T]:
         """A context manager: the board's events reach the subscription inside the block."""

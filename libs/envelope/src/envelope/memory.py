@@ -13,11 +13,15 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
+
+import orjson
 
 from envelope.codec import RelayedEvent, with_sequence
 from envelope.feed import PAGE, stream_id_key
+from envelope.models import PresenceEntry, PresenceMember
+from envelope.presence import member_json, presence_frame, presence_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,7 @@ class MemoryBroker:
 
 
 class MemoryStore:
-    """Redis as the suite uses it: relay step, board and activity streams, pub/sub, presence."""
+    """Redis as the suite uses it: relay step, board and activity streams, pub/sub."""
 
     def __init__(self, retention: int = 10_000, retention_seconds: float = 0) -> None:
         self._retention = retention
@@ -70,9 +74,7 @@ class MemoryStore:
         self._boards: dict[str, deque[RelayedEvent]] = {}
         self._activity: deque[RelayedEvent] = deque(maxlen=retention)
         self._subscribers: set[asyncio.Queue[bytes]] = set()
-        self._presence: dict[str, dict[str, tuple[int, float]]] = {}
         self._clock = itertools.count(1)
-        self.presence_changes: set[asyncio.Queue[str]] = set()
 
     async def relay(
         self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
@@ -153,18 +155,84 @@ class MemoryStore:
             return "0-0", "0-0"
         return self._activity[0].stream_id, self._activity[-1].stream_id
 
-    async def set_presence(self, board_id: str, instance: str, count: int, ttl: float) -> None:
-        board = self._presence.setdefault(board_id, {})
-        if count:
-            board[instance] = (count, time.monotonic() + ttl)
-        else:
-            board.pop(instance, None)
-        for queue in self.presence_changes:
-            queue.put_nowait(board_id)
 
-    async def presence_total(self, board_id: str) -> int:
+class MemoryPresence:
+    """Presence as the Redis adapter keeps it (`ingress_ws.adapters.redis.RedisPresence`):
+    connections per (instance, member), members summed over instances, instances that expire
+    unless they beat, and each change published to the process's listeners."""
+
+    def __init__(self) -> None:
+        # board -> (instance, member id) -> (connections, member JSON)
+        self._connections: dict[str, dict[tuple[str, str], tuple[int, bytes]]] = {}
+        self._members: dict[str, dict[str, int]] = {}  # board -> member id -> connections
+        self._instances: dict[str, float] = {}  # instance -> expiry (monotonic)
+        self._instance_boards: dict[str, set[str]] = {}
+        self._listeners: set[asyncio.Queue[bytes]] = set()
+
+    async def set_member(
+        self, board_id: str, instance: str, member: PresenceMember, connections: int
+    ) -> None:
+        self._instance_boards.setdefault(instance, set()).add(board_id)
+        self._change(board_id, instance, member.id, member_json(member), connections)
+
+    async def heartbeat(self, instance: str, boards: Collection[str], expires_in: float) -> None:
+        self._instances[instance] = time.monotonic() + expires_in
+        self._instance_boards[instance] = set(boards)
+
+    async def forget(self, instance: str) -> None:
+        self._instances[instance] = 0.0
+        await self.reap()
+
+    async def reap(self) -> None:
         now = time.monotonic()
-        return sum(c for c, expires in self._presence.get(board_id, {}).values() if expires > now)
+        for instance in [i for i, expires in self._instances.items() if expires <= now]:
+            del self._instances[instance]
+            for board_id in self._instance_boards.pop(instance, set()):
+                held = self._connections.get(board_id, {})
+                for (owner, member_id), (_count, member) in list(held.items()):
+                    if owner == instance:
+                        self._change(board_id, instance, member_id, member, 0)
+
+    async def members(self, board_id: str) -> list[PresenceEntry]:
+        now = time.monotonic()
+        counts: dict[str, int] = {}
+        names: dict[str, str | None] = {}
+        for (instance, member_id), (count, member) in self._connections.get(board_id, {}).items():
+            if self._instances.get(instance, 0.0) > now:
+                counts[member_id] = counts.get(member_id, 0) + count
+                names[member_id] = orjson.loads(member).get("name")
+        return [PresenceEntry(id=m, name=names[m], connections=n) for m, n in counts.items()]
+
+    @contextlib.asynccontextmanager
+    async def changes(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            yield MemoryStore._frames(queue)
+        finally:
+            self._listeners.discard(queue)
+
+    def _change(
+        self, board_id: str, instance: str, member_id: str, member: bytes, connections: int
+    ) -> None:
+        held = self._connections.setdefault(board_id, {})
+        totals = self._members.setdefault(board_id, {})
+        old = held.pop((instance, member_id), (0, b""))[0]
+        if connections > 0:
+            held[(instance, member_id)] = (connections, member)
+        before = totals.pop(member_id, 0)
+        after = max(before + connections - old, 0)
+        if after:
+            totals[member_id] = after
+        if not held:
+            del self._connections[board_id]
+        action = "join" if not before and after else "leave" if before and not after else None
+        if action is not None:
+            frame = presence_frame(board_id, action, member, len(totals))
+            for queue in self._listeners:
+                queue.put_nowait(presence_message(board_id, frame))
+        if not totals:
+            del self._members[board_id]
 
 
 @dataclass
@@ -173,3 +241,4 @@ class MemoryTransport:
 
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     store: MemoryStore = field(default_factory=MemoryStore)
+    presence: MemoryPresence = field(default_factory=MemoryPresence)

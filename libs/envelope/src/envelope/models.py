@@ -167,3 +167,39 @@ class ExpiringFrame(_Wire):
 
     kind: Literal["expiring"] = "expiring"
     expires_at: AwareDatetime
+
+
+PresenceAction = Literal["join", "leave"]
+
+
+class PresenceMember(_Wire):
+    """One identity on a board: a JWT's `sub` (and `name` claim), or a shared-token connection."""
+
+    id: str
+    name: str | None = None
+
+
+class PresenceFrame(_Wire):
+    """An identity's first connection to a board joined, or its last one left (any replica).
+
+    Not an event: it has no `sequence`, is not retained and never passes through RabbitMQ.
+    `count` is the board's number of members after the change.
+    """
+
+    kind: Literal["presence"] = "presence"
+    board_id: BoardId
+    action: PresenceAction
+    member: PresenceMember
+    count: int = Field(ge=0)
+
+
+class PresenceEntry(PresenceMember):
+    connections: int = Field(ge=1)
+
+
+class PresenceSnapshot(_Wire):
+    """`GET /api/boards/{board_id}/presence`: the board's members across every replica."""
+
+    board_id: BoardId
+    count: int = Field(ge=0)
+    members: list[PresenceEntry]

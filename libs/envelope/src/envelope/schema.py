@@ -21,6 +21,8 @@ from envelope.models import (
     ErrorFrame,
     EventFrame,
     ExpiringFrame,
+    PresenceFrame,
+    PresenceSnapshot,
     RefreshedFrame,
     RefreshRequest,
     ResetFrame,
@@ -44,6 +46,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "publish-batch-request": PublishBatchRequest,
     "publish-batch-reply": PublishBatchReply,
     "history-page": HistoryPage,
+    "presence-frame": PresenceFrame,
+    "presence-snapshot": PresenceSnapshot,
 }
 
 

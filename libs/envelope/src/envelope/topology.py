@@ -116,7 +116,25 @@ class RedisKeys:
         return f"{self.prefix}board:{board_id}:seen:{idempotency_key}"
 
     def presence(self, board_id: str) -> str:
-        return f"{self.prefix}board:{board_id}:presence"
+        """Hash: `<instance>:<member id>` → that member's connections on that instance.
+
+        A board's two presence keys share the hash tag `{<board id>}` (board ids hold no
+        braces), so the one Lua step that changes both stays on one Redis Cluster slot.
+        """
+        return f"{self.prefix}presence:{{{board_id}}}:connections"
+
+    def presence_members(self, board_id: str) -> str:
+        """Hash: member id → its connections summed over every instance (joins and leaves)."""
+        return f"{self.prefix}presence:{{{board_id}}}:members"
+
+    @property
+    def presence_instances(self) -> str:
+        """Sorted set: ingress instance → when its presence expires (ms), unless it beats."""
+        return f"{self.prefix}presence:instances"
+
+    def presence_instance_boards(self, instance: str) -> str:
+        """Set: the boards an instance holds presence on, for reaping it once it died."""
+        return f"{self.prefix}presence:instance:{instance}:boards"
 
     def partition_lease(self, partition: int) -> str:
         return f"{self.prefix}lease:{partition}"

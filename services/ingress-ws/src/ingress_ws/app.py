@@ -25,6 +25,7 @@ from envelope.auth import (
 from envelope.feed import ActivityHub, RedisActivityStore
 from envelope.memory import MemoryTransport
 from envelope.models import is_board_id
+from envelope.presence import PresenceFanout
 from envelope.security import (
     rate_limit_exceeded,
     shows_browser_marks,
@@ -49,8 +50,9 @@ from ingress_ws.adapters.rabbitmq import RabbitPublisher
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.admission import HandshakeRate, SocketSlots, credential_key
 from ingress_ws.http_api import PublishRate, add_http_api
-from ingress_ws.presence import BoardPresence
-from ingress_ws.publisher import EventPublisher, MemoryPublisher, PresenceStore
+from ingress_ws.presence import BoardPresence, PresenceStore, is_client_id, render_event_frame
+from ingress_ws.presence_api import add_presence_api
+from ingress_ws.publisher import EventPublisher, MemoryPublisher
 from ingress_ws.refresh import CredentialLease
 from ingress_ws.sessions import (
     CLOSE_BAD_BOARD,
@@ -63,7 +65,6 @@ from ingress_ws.sessions import (
     IngressRuntime,
     MessageBudget,
     UnconfirmedBytes,
-    render_event_frame,
 )
 from ingress_ws.settings import IngressSettings
 
@@ -125,7 +126,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 transport = memory or MemoryTransport()
                 publisher = MemoryPublisher(transport.broker)
                 store = transport.store
-                presence_store, activity = store, store
+                presence_store, activity = transport.presence, store
             else:
                 client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
@@ -134,7 +135,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 activity = RedisActivityStore(client, settings.redis_keys)  # type: ignore[assignment]
             stack.push_async_callback(publisher.close)
 
-            presence = BoardPresence(presence_store, instance)
+            presence = BoardPresence(presence_store, instance, ttl=settings.presence_ttl_seconds)
             hub: ActivityHub[str] = ActivityHub(
                 activity,
                 render_board=render_event_frame(presence),
@@ -167,6 +168,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
                 ),
                 asyncio.create_task(hub.run()),
                 asyncio.create_task(presence.run()),
+                asyncio.create_task(PresenceFanout(presence_store, hub, bytes.decode).run()),
             ]
             try:
                 yield
@@ -226,6 +228,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
     add_http_api(
         app, settings, authenticator, lambda: holder["runtime"], publish_rate, exempt=limiter.exempt
     )
+    add_presence_api(app, authenticator, lambda: holder["runtime"].presence)
 
     @app.get("/", include_in_schema=False)
     async def playground(request: Request) -> FileResponse:
@@ -335,6 +338,10 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
             return
         if not is_board_id(board_id):
             await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
+            return
+        client_id = websocket.query_params.get("client_id")
+        if client_id is not None and not is_client_id(client_id):
+            await websocket.close(CLOSE_BAD_BOARD, "client_id must be 1-64 of [A-Za-z0-9_.:-]")
             return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
         if not origin_allowed(websocket, credential, settings):

@@ -1,4 +1,4 @@
-"""The ingress's two ports: where accepted events go, and where board presence is counted."""
+"""The ingress's port for accepted events (presence has its own: `presence.PresenceStore`)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,6 @@ class EventPublisher(Protocol):
     async def publish(
         self, envelope: BoardEventEnvelope, body: bytes, headers: dict[str, str]
     ) -> None: ...
-
-
-class PresenceStore(Protocol):
-    async def set_presence(self, board_id: str, instance: str, count: int, ttl: float) -> None: ...
-
-    async def presence_total(self, board_id: str) -> int: ...
 
 
 class MemoryPublisher:

@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
-from envelope.codec import InvalidFrame, RelayedEvent
+from envelope.codec import InvalidFrame
 from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
 from envelope.models import (
     AckFrame,
@@ -23,6 +22,7 @@ from envelope.models import (
     ResumeRequest,
 )
 from envelope.observability import DeliveryTracker
+from envelope.presence import is_presence
 from envelope.service import delivery_latency_histogram
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, Storage
@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ingress_ws.presence import BoardPresence
+from ingress_ws.presence import BoardPresence, member_of
 from ingress_ws.publisher import EventPublisher
 from ingress_ws.publishing import TRANSPORTS, publish_board_event
 from ingress_ws.refresh import CredentialLease
@@ -196,6 +196,9 @@ class BoardSocket:
         self.lease = lease  # the credential, replaced by `refresh` frames (ingress_ws.refresh)
         self.runtime = runtime
         self.sender = uuid.uuid4().hex
+        self.member = member_of(
+            lease.principal, websocket.query_params.get("client_id"), self.sender
+        )
         self._send_lock = asyncio.Lock()
         self._last_sequence = 0
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -219,7 +222,7 @@ class BoardSocket:
         runtime = self.runtime
         runtime.sockets.add(self)
         runtime.metrics.connections.inc()
-        await runtime.presence.join(self.board_id)
+        runtime.presence.join(self.board_id, self.member)
         try:
             with runtime.hub.subscribe_board(
                 self.board_id, runtime.settings.websocket_send_queue
@@ -254,7 +257,7 @@ class BoardSocket:
         finally:
             runtime.sockets.discard(self)
             runtime.metrics.connections.dec()
-            await runtime.presence.leave(self.board_id)
+            runtime.presence.leave(self.board_id, self.member)
 
     async def close(self, code: int, reason: str = "") -> None:
         if self.websocket.application_state == WebSocketState.CONNECTED:
@@ -418,6 +421,12 @@ class BoardSocket:
                 continue
             async with self._send_lock:
                 for event, frame in batch:
+                    if self.websocket.application_state != WebSocketState.CONNECTED:
+                        return  # the server closed it meanwhile (a policy close): no more sends
+                    if is_presence(event):  # not echoed to the member it is about
+                        if event.stream_id != self.member.id:
+                            await self.websocket.send_text(frame)
+                        continue
                     if event.sequence <= self._last_sequence:
                         continue  # already sent by a replay
                     await self.websocket.send_text(frame)
@@ -440,12 +449,3 @@ class BoardSocket:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             async with self._send_lock:
                 await self.websocket.send_text(codec.dumps(frame).decode())
-
-
-def render_event_frame(presence: BoardPresence) -> Callable[[RelayedEvent], str]:
-    """Builds each event's frame once per process; every socket of the board sends that string."""
-
-    def render(event: RelayedEvent) -> str:
-        return codec.event_frame(event.event, presence.total(event.board_id)).decode()
-
-    return render

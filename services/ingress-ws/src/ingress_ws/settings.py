@@ -48,6 +48,9 @@ class IngressSettings(SuiteSettings):
     http_publish_rate_limit: str = "100/second"
     reconnect_initial_ms: int = Field(default=500, ge=50)
     reconnect_max_ms: int = Field(default=15_000, ge=100)
+    # A crashed replica's board members are gone within this: instances beat every quarter of
+    # it and expire after half, and any live replica reaps an expired one.
+    presence_ttl_seconds: float = Field(default=30, ge=1)
 
     @field_validator("websocket_resume_rate_limit", "http_publish_rate_limit")
     @classmethod

@@ -11,6 +11,7 @@ from envelope.auth import Authenticator, Principal, Unauthorized, credential_fro
 from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
 from envelope.memory import MemoryTransport
 from envelope.models import is_board_id
+from envelope.presence import PresenceChanges, PresenceFanout, RedisPresenceChanges
 from envelope.security import rate_limit_exceeded
 from envelope.service import add_operations, redis_client
 from fastapi import FastAPI, HTTPException, Request
@@ -32,6 +33,7 @@ from sse_gateway.streams import (
     GatewayMetrics,
     activity_frame,
     board_frame,
+    presence_frame,
 )
 
 log = structlog.get_logger("sse_gateway")
@@ -66,18 +68,22 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             store: ActivityStore
+            presence: PresenceChanges
             if settings.event_transport == "memory":
-                store = (memory or MemoryTransport()).store
+                transport = memory or MemoryTransport()
+                store, presence = transport.store, transport.presence
             else:
                 client = redis_client(settings)
                 stack.push_async_callback(client.aclose)
                 store = RedisActivityStore(client, settings.redis_keys)
+                presence = RedisPresenceChanges(client, settings.redis_keys)
             hub: ActivityHub[bytes] = ActivityHub(
                 store, render_board=board_frame, render_activity=activity_frame
             )
             hub.on_event = metrics.delivery.on_event
             hubs["hub"] = hub
             task = asyncio.create_task(hub.run())
+            fanout = asyncio.create_task(PresenceFanout(presence, hub, presence_frame).run())
 
             async def end_streams_on_exit() -> None:
                 await until_server_exit()
@@ -88,7 +94,7 @@ def create_app(settings: GatewaySettings, *, memory: MemoryTransport | None = No
                 yield
             finally:
                 end_streams()
-                for background in (task, watcher):
+                for background in (task, fanout, watcher):
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await background

@@ -85,6 +85,11 @@ def activity_frame(event: RelayedEvent) -> bytes:
     return _activity(event, field_safe(event.stream_id))
 
 
+def presence_frame(frame: bytes) -> bytes:
+    """`event: presence` with the ingress's presence frame as data, once per process."""
+    return ServerSentEvent(field_safe(frame.decode(errors="replace")), event="presence").encode()
+
+
 def _event(data: Mapping[str, object], kind: str) -> bytes:
     return ServerSentEvent(orjson.dumps(data).decode(), event=kind).encode()
 
@@ -153,9 +158,9 @@ class BoardFeed:
 
     def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
         last = self._last
-        fresh = [(e, f) for e, f in batch if e.sequence > last] if last else batch
-        if fresh:
-            self._last = fresh[-1][0].sequence
+        # Presence frames (sequence 0) are never replayed, so never duplicates.
+        fresh = [(e, f) for e, f in batch if e.sequence > last or not e.sequence] if last else batch
+        self._last = max((e.sequence for e, _f in fresh), default=last)
         return fresh
 
     def history_lost(self) -> bytes:
