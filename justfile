@@ -64,14 +64,15 @@ browser: setup
 # Edge hardening: auth, origins, limits, headers, fuzzing and raw-socket abuse (docs/security.md).
 [group('test')]
 security: setup
-    {{uv}} run pytest tests/security libs/envelope/tests/test_auth.py
+    {{uv}} run pytest tests/security libs/runtime/tests/test_auth.py
 
-# ruff (format and lint) and mypy --strict on the sources.
+# ruff (format and lint), mypy --strict on the sources, and the layer rules (import-linter).
 [group('check')]
 lint: setup
     {{uv}} run ruff format --check .
     {{uv}} run ruff check .
-    {{uv}} run mypy libs/envelope/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src
+    {{uv}} run mypy libs/envelope/src libs/runtime/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src
+    {{uv}} run lint-imports
 
 # Copy the client module (clients/js) into the ingress's static files, which serve and ship it.
 [group('check')]

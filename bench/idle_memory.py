@@ -30,8 +30,8 @@ async def measure(streams: int) -> None:
         "ADVANCED_ACTIVITY_STREAM_RATE_LIMIT": "1000000/second",
         "ADVANCED_RATE_LIMIT_DEFAULT": "1000000/second",
     }
-    from envelope.memory import MemoryTransport
-    from envelope.security import hardened_http_protocol
+    from realtime_runtime.memory import MemoryTransport
+    from realtime_runtime.security import hardened_http_protocol
     from sse_gateway.app import create_app
     from sse_gateway.settings import GatewaySettings
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from types import FrameType
 from urllib.parse import urlsplit
 
-from envelope.service import local_url
-from envelope.settings import load_settings
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.service import local_url
+from realtime_runtime.settings import load_settings
 from relay_worker.settings import WorkerSettings
 from sse_gateway.settings import GatewaySettings
 

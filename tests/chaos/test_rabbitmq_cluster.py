@@ -36,7 +36,7 @@ from chaos.harness import (
     wait_for,
     ws_url,
 )
-from envelope.amqp import connect_nodes
+from realtime_runtime.amqp import connect_nodes
 from support.processes import Service, Suite
 from support.rabbitmq_cluster import ClusterNode, RabbitCluster
 

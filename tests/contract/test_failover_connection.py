@@ -1,4 +1,4 @@
-"""The node-list connection (envelope.amqp) on the real RabbitMQ, reached through two TCP
+"""The node-list connection (realtime_runtime.amqp) on the real RabbitMQ, reached through two TCP
 proxies that stand for two nodes: when the node in use goes away the connection moves to the
 other, the worker's partition consumer is restored there, the deliveries of the dead channel
 are never settled on the new one (their tags belong to the old channel) and come again; a
@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from envelope.amqp import FailoverConnection, connect_nodes
+from realtime_runtime.amqp import FailoverConnection, connect_nodes
 from relay_worker.adapters.rabbitmq import PartitionInbox, partition_messages
 from support.brokers import Brokers
 from support.proxy import TcpProxy

@@ -18,9 +18,9 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
-from envelope.memory import MemoryStore, RelayOutcome
 from envelope.topology import RedisKeys, Topology
 from prometheus_client import CollectorRegistry
+from realtime_runtime.memory import MemoryStore, RelayOutcome
 from redis.exceptions import ResponseError
 from relay_worker.adapters.rabbitmq import AmqpDelivery, PartitionAcks, PartitionInbox
 from relay_worker.adapters.redis import RedisRelayStore

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 import redis.asyncio as redis
-from envelope.feed import ActivityStore, RedisActivityStore
-from envelope.memory import MemoryStore
 from envelope.topology import RedisKeys
 from prometheus_client import CollectorRegistry
+from realtime_runtime.feed import ActivityStore, RedisActivityStore
+from realtime_runtime.memory import MemoryStore
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import Relay, RelayMetrics, RelayStore
 from relay_worker.settings import WorkerSettings

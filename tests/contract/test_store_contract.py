@@ -18,12 +18,13 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from envelope import codec
-from envelope.feed import ActivityHub, ActivityStore, BoardCursor, RedisActivityStore
-from envelope.memory import MemoryPresence, MemoryStore
+from envelope.cursors import BoardCursor
 from envelope.models import PresenceEntry, PresenceFrame, PresenceMember
 from envelope.topology import RedisKeys
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.presence import PresenceStore
+from realtime_runtime.feed import ActivityHub, ActivityStore, RedisActivityStore
+from realtime_runtime.memory import MemoryPresence, MemoryStore
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers

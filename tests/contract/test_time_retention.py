@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as redis
 from envelope import codec
-from envelope.feed import ActivityHub, ActivityStore, BoardCursor, RedisActivityStore
-from envelope.memory import MemoryStore
+from envelope.cursors import BoardCursor
 from envelope.topology import RedisKeys
+from realtime_runtime.feed import ActivityHub, ActivityStore, RedisActivityStore
+from realtime_runtime.memory import MemoryStore
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers

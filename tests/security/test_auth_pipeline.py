@@ -227,8 +227,8 @@ def test_services_refuse_to_start_on_unsafe_settings_without_printing_secrets() 
 def test_unsafe_settings_are_refused_with_a_plain_message(
     monkeypatch: pytest.MonkeyPatch, settings_class: str, env: dict[str, str], expected: str
 ) -> None:
-    from envelope.settings import load_settings
     from ingress_ws.settings import IngressSettings
+    from realtime_runtime.settings import load_settings
     from relay_worker.settings import WorkerSettings
     from sse_gateway.settings import GatewaySettings
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from envelope.memory import MemoryTransport
 from ingress_ws.app import create_app as create_ingress
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.memory import MemoryTransport
 from security.edge_client import TOKEN
 from sse_gateway.app import create_app as create_gateway
 from sse_gateway.settings import GatewaySettings

@@ -1,4 +1,4 @@
-"""The edges' Redis client (`envelope.service.redis_client`) on the real Redis: it sets its own
+"""The edges' Redis client (`realtime_runtime.service.redis_client`) on the real Redis: it sets its own
 timeouts, so a Redis that stops answering fails a command in bounded time, and the pub/sub
 feed stays quiet on an idle channel for longer than that timeout."""
 
@@ -10,9 +10,9 @@ import uuid
 from urllib.parse import urlsplit
 
 import pytest
-from envelope.feed import RedisActivityStore
-from envelope.service import redis_client
-from envelope.settings import SuiteSettings
+from realtime_runtime.feed import RedisActivityStore
+from realtime_runtime.service import redis_client
+from realtime_runtime.settings import SuiteSettings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from support.brokers import Brokers

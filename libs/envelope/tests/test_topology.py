@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from envelope.settings import SuiteSettings
 from envelope.topology import QUORUM_DELIVERY_LIMIT
+from realtime_runtime.settings import SuiteSettings
 
 
 def test_a_board_always_routes_to_the_same_partition_queue() -> None:

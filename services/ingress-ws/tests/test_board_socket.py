@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 from envelope.codec import decode_envelope
-from envelope.memory import MemoryBroker, MemoryTransport
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.memory import MemoryBroker, MemoryTransport
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 

@@ -13,12 +13,12 @@ import orjson
 import pytest
 from envelope import codec
 from envelope.api import HistoryPage, PublishBatchReply
-from envelope.auth import SESSION_COOKIE
 from envelope.codec import decode_envelope
-from envelope.memory import MemoryStore, MemoryTransport
 from envelope.models import BoardEventEnvelope, ErrorFrame
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.auth import SESSION_COOKIE
+from realtime_runtime.memory import MemoryStore, MemoryTransport
 from starlette.testclient import TestClient
 
 TOKEN = "http-unit-token"

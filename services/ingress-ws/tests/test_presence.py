@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 import orjson
 import pytest
-from envelope.auth import Principal
-from envelope.memory import MemoryPresence, MemoryTransport
 from envelope.models import PresenceFrame, PresenceMember
 from ingress_ws.app import create_app
 from ingress_ws.presence import BoardPresence, is_client_id, member_of
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.auth import Principal
+from realtime_runtime.memory import MemoryPresence, MemoryTransport
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 

@@ -13,9 +13,9 @@ import jwt
 import orjson
 import pytest
 from envelope.codec import decode_envelope
-from envelope.memory import MemoryTransport
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.memory import MemoryTransport
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 

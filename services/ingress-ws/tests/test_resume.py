@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import uvicorn
 from envelope import codec
-from envelope.feed import PAGE
-from envelope.memory import MemoryStore, MemoryTransport
-from envelope.security import hardened_websocket_protocol
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings
+from realtime_runtime.feed import PAGE
+from realtime_runtime.memory import MemoryStore, MemoryTransport
+from realtime_runtime.security import hardened_websocket_protocol
 from support.clients import BoardClient, board, stalled_websocket
 from support.envelopes import board_event
 from support.processes import free_port

@@ -19,11 +19,11 @@ import orjson
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from envelope.codec import RelayedEvent
-from envelope.memory import MemoryBroker, MemoryMessage, MemoryStore, RelayOutcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry
+from realtime_runtime.memory import MemoryBroker, MemoryMessage, MemoryStore, RelayOutcome
 from redis import exceptions as redis_errors
 from relay_worker import relay as relay_module
 from relay_worker.adapters.memory import ATTEMPTS, MemoryDelivery, consume_memory

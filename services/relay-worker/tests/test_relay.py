@@ -15,10 +15,10 @@ import orjson
 import pytest
 from envelope import codec
 from envelope.codec import RelayedEvent
-from envelope.memory import MemoryBroker, MemoryMessage, MemoryStore, RelayOutcome
 from envelope.models import BoardEventEnvelope
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from realtime_runtime.memory import MemoryBroker, MemoryMessage, MemoryStore, RelayOutcome
 from redis.exceptions import ResponseError
 from relay_worker.adapters.memory import ATTEMPTS, MemoryDelivery, consume_memory
 from relay_worker.relay import Relay, RelayMetrics

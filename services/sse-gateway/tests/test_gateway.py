@@ -14,9 +14,9 @@ import httpx
 import pytest
 import uvicorn
 from envelope import codec
-from envelope.memory import MemoryStore, MemoryTransport
 from envelope.models import BoardEventEnvelope, PresenceMember
 from fastapi import FastAPI
+from realtime_runtime.memory import MemoryStore, MemoryTransport
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings
 from support.clients import sse, stalled_sse

@@ -31,10 +31,9 @@ from envelope.models import (
     ResumeRequest,
     is_board_id,
 )
-from envelope.settings import SuiteSettings
 from envelope.topology import RedisKeys, Topology
 
-__version__ = "1.2.0"
+__version__ = "2.0.0"
 
 __all__ = [
     "BOARD_ID_PATTERN",
@@ -57,7 +56,6 @@ __all__ = [
     "RelayedEvent",
     "ResetFrame",
     "ResumeRequest",
-    "SuiteSettings",
     "Topology",
     "UnsupportedSchemaVersion",
     "activity_body",

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from envelope.observability import configure_logging, configure_tracing
-from envelope.security import hardened_websocket_protocol
-from envelope.service import serve
-from envelope.settings import load_settings
+from realtime_runtime.observability import configure_logging, configure_tracing
+from realtime_runtime.security import hardened_websocket_protocol
+from realtime_runtime.service import serve
+from realtime_runtime.settings import load_settings
 
 from ingress_ws.app import create_app
 from ingress_ws.settings import IngressSettings

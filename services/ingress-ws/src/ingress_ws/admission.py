@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from envelope.auth import Principal
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from realtime_runtime.auth import Principal
 
 
 def credential_key(principal: Principal, credential: str, client: str) -> str:

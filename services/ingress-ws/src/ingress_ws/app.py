@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from envelope.amqp import QueueTypeMismatch
-from envelope.auth import (
+from envelope.models import is_board_id
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from limits import parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from prometheus_client import CollectorRegistry
+from realtime_runtime.amqp import QueueTypeMismatch
+from realtime_runtime.auth import (
     HOST_SESSION_COOKIE,
     SESSION_COOKIE,
     Authenticator,
@@ -22,24 +30,16 @@ from envelope.auth import (
     credential_source,
     session_cookie_name,
 )
-from envelope.feed import ActivityHub, RedisActivityStore
-from envelope.memory import MemoryTransport
-from envelope.models import is_board_id
-from envelope.presence import PresenceFanout
-from envelope.security import (
+from realtime_runtime.feed import ActivityHub, RedisActivityStore
+from realtime_runtime.memory import MemoryTransport
+from realtime_runtime.presence import PresenceFanout
+from realtime_runtime.security import (
     rate_limit_exceeded,
     shows_browser_marks,
     websocket_origin_allowed,
 )
-from envelope.service import add_operations, keep_trying, redis_client
-from envelope.settings import DEFAULT_TOKEN
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
-from limits import parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from prometheus_client import CollectorRegistry
+from realtime_runtime.service import add_operations, keep_trying, redis_client
+from realtime_runtime.settings import DEFAULT_TOKEN
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.middleware import SlowAPIASGIMiddleware

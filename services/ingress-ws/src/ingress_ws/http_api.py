@@ -21,9 +21,8 @@ import orjson
 import structlog
 from envelope import codec
 from envelope.api import MAX_BATCH, BatchAccepted, BatchRefused, HistoryReset, PublishAccepted
-from envelope.auth import Authenticator, Credential, Principal, Unauthorized, credential_source
 from envelope.codec import InvalidFrame
-from envelope.feed import BoardCursor, parse_board_cursor
+from envelope.cursors import BoardCursor, parse_board_cursor
 from envelope.models import CLIENT_ID_PATTERN, AckFrame, BoardMessage, ErrorFrame, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +31,13 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from opentelemetry import context as otel_context
+from realtime_runtime.auth import (
+    Authenticator,
+    Credential,
+    Principal,
+    Unauthorized,
+    credential_source,
+)
 from redis.exceptions import RedisError
 
 from ingress_ws.admission import credential_key

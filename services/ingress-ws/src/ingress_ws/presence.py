@@ -18,9 +18,9 @@ from typing import Protocol
 
 import structlog
 from envelope import codec
-from envelope.auth import Principal
 from envelope.codec import RelayedEvent
 from envelope.models import PresenceEntry, PresenceMember
+from realtime_runtime.auth import Principal
 from redis.exceptions import RedisError
 
 log = structlog.get_logger("ingress_ws")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from envelope.auth import Authenticator, Unauthorized, credential_from
 from envelope.models import PresenceSnapshot, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from realtime_runtime.auth import Authenticator, Unauthorized, credential_from
 from redis.exceptions import RedisError
 
 from ingress_ws.presence import BoardPresence

@@ -34,9 +34,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import websockets
 from envelope.models import is_board_id
-from envelope.settings import DEFAULT_TOKEN
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from realtime_runtime.settings import DEFAULT_TOKEN
 from websockets.asyncio.client import ClientConnection, connect
 
 EXIT_OK, EXIT_SLOW, EXIT_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3

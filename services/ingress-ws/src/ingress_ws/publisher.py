@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from envelope.memory import MemoryBroker
 from envelope.models import BoardEventEnvelope
+from realtime_runtime.memory import MemoryBroker
 
 
 class PublishUnavailable(Exception):

@@ -22,10 +22,10 @@ from envelope.models import (
     ErrorFrame,
     utcnow,
 )
-from envelope.observability import inject_trace_context
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import ValidationError
+from realtime_runtime.observability import inject_trace_context
 
 from ingress_ws.publisher import PublishUnavailable
 

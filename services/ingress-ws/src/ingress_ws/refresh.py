@@ -20,9 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from envelope.auth import Authenticator, Principal, Unauthorized
 from envelope.models import ExpiringFrame, RefreshedFrame
 from pydantic import BaseModel
+from realtime_runtime.auth import Authenticator, Principal, Unauthorized
 
 from ingress_ws.admission import SocketSlots, credential_key
 

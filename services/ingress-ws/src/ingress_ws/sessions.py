@@ -12,7 +12,7 @@ import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.codec import InvalidFrame
-from envelope.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription, parse_board_cursor
+from envelope.cursors import parse_board_cursor
 from envelope.models import (
     AckFrame,
     BoardMessage,
@@ -21,9 +21,6 @@ from envelope.models import (
     ResetFrame,
     ResumeRequest,
 )
-from envelope.observability import DeliveryTracker
-from envelope.presence import is_presence
-from envelope.service import delivery_latency_histogram
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -31,6 +28,10 @@ from limits.errors import StorageError
 from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
+from realtime_runtime.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
+from realtime_runtime.observability import DeliveryTracker
+from realtime_runtime.presence import is_presence
+from realtime_runtime.service import delivery_latency_histogram
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import BoardPresence, member_of

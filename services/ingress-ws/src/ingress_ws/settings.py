@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from envelope.settings import SuiteSettings
 from limits import parse
 from pydantic import Field, field_validator
+from realtime_runtime.settings import SuiteSettings
 
 
 class IngressSettings(SuiteSettings):

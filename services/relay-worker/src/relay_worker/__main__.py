@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import sys
 
-from envelope.observability import configure_logging, configure_tracing
-from envelope.service import serve
-from envelope.settings import load_settings
+from realtime_runtime.observability import configure_logging, configure_tracing
+from realtime_runtime.service import serve
+from realtime_runtime.settings import load_settings
 
 from relay_worker.app import build_worker
 from relay_worker.dlq import list_dead_letters, replay_dead_letters

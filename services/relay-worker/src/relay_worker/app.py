@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 import structlog
-from envelope.amqp import FailoverConnection, QueueTypeMismatch, connect_nodes
-from envelope.memory import MemoryTransport
-from envelope.service import add_operations, keep_trying
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from realtime_runtime.amqp import FailoverConnection, QueueTypeMismatch, connect_nodes
+from realtime_runtime.memory import MemoryTransport
+from realtime_runtime.service import add_operations, keep_trying
 
 from relay_worker.adapters.memory import consume_memory
 from relay_worker.adapters.rabbitmq import declare_topology

@@ -6,7 +6,7 @@ from typing import TextIO
 
 import aio_pika
 import orjson
-from envelope.amqp import connect_nodes
+from realtime_runtime.amqp import connect_nodes
 
 from relay_worker.adapters.rabbitmq import (
     ATTEMPTS_HEADER,

@@ -10,12 +10,12 @@ from typing import Literal, Protocol, TypeVar, cast
 
 import structlog
 from envelope.codec import MalformedEnvelope, activity_body, decode_envelope
-from envelope.memory import RelayOutcome
 from envelope.models import utcnow
-from envelope.observability import extract_trace_context, inject_trace_context
 from opentelemetry import trace
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from realtime_runtime.memory import RelayOutcome
+from realtime_runtime.observability import extract_trace_context, inject_trace_context
 
 from relay_worker.faults import Source, redis_fault
 from relay_worker.settings import WorkerSettings

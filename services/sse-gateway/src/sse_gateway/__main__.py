@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from envelope.observability import configure_logging, configure_tracing
-from envelope.service import serve
-from envelope.settings import load_settings
+from realtime_runtime.observability import configure_logging, configure_tracing
+from realtime_runtime.service import serve
+from realtime_runtime.settings import load_settings
 
 from sse_gateway.app import create_app
 from sse_gateway.settings import GatewaySettings

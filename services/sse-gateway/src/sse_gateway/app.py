@@ -7,17 +7,17 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
-from envelope.auth import Authenticator, Principal, Unauthorized, credential_from
-from envelope.feed import ActivityHub, ActivityStore, RedisActivityStore
-from envelope.memory import MemoryTransport
 from envelope.models import is_board_id
-from envelope.presence import PresenceChanges, PresenceFanout, RedisPresenceChanges
-from envelope.security import rate_limit_exceeded
-from envelope.service import add_operations, redis_client
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from realtime_runtime.auth import Authenticator, Principal, Unauthorized, credential_from
+from realtime_runtime.feed import ActivityHub, ActivityStore, RedisActivityStore
+from realtime_runtime.memory import MemoryTransport
+from realtime_runtime.presence import PresenceChanges, PresenceFanout, RedisPresenceChanges
+from realtime_runtime.security import rate_limit_exceeded
+from realtime_runtime.service import add_operations, redis_client
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.middleware import SlowAPIASGIMiddleware

@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol
 
 import structlog
 from envelope.codec import RelayedEvent
-from envelope.feed import HistoryLost, SlowConsumer, Subscription
-from envelope.security import ASGIApp, Message, Receive, Scope, Send
+from realtime_runtime.feed import HistoryLost, SlowConsumer, Subscription
+from realtime_runtime.security import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
 
 from sse_gateway.streams import (

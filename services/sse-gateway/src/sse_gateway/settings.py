@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from envelope.settings import SuiteSettings
 from pydantic import Field
+from realtime_runtime.settings import SuiteSettings
 
 
 class GatewaySettings(SuiteSettings):

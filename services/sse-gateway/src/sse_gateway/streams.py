@@ -8,18 +8,11 @@ from contextlib import AbstractContextManager
 
 import orjson
 from envelope.codec import RelayedEvent
-from envelope.feed import (
-    ActivityHub,
-    Replay,
-    Subscription,
-    board_cursor,
-    parse_activity_cursor,
-    parse_board_cursor,
-    stream_id_key,
-)
-from envelope.observability import DeliveryTracker
-from envelope.service import delivery_latency_histogram
+from envelope.cursors import board_cursor, parse_activity_cursor, parse_board_cursor, stream_id_key
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from realtime_runtime.feed import ActivityHub, Replay, Subscription
+from realtime_runtime.observability import DeliveryTracker
+from realtime_runtime.service import delivery_latency_histogram
 from sse_starlette import ServerSentEvent
 
 # Events written to a stream in one chunk when several are waiting: a client that fell a

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import structlog
-from envelope.memory import MemoryTransport
-from envelope.observability import configure_logging
-from envelope.service import serve
-from envelope.settings import SuiteSettings, load_settings
 from fastapi import FastAPI
 from ingress_ws.app import create_app as create_ingress
 from ingress_ws.settings import IngressSettings
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from realtime_runtime.memory import MemoryTransport
+from realtime_runtime.observability import configure_logging
+from realtime_runtime.service import serve
+from realtime_runtime.settings import SuiteSettings, load_settings
 from relay_worker.app import build_worker
 from relay_worker.settings import WorkerSettings
 from sse_gateway.app import create_app as create_gateway

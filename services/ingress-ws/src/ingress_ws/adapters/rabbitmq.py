@@ -12,9 +12,9 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from envelope.amqp import NODE_CONNECT_TIMEOUT_SECONDS, FailoverConnection, declare_queue
 from envelope.models import BoardEventEnvelope
 from envelope.topology import Topology
+from realtime_runtime.amqp import NODE_CONNECT_TIMEOUT_SECONDS, FailoverConnection, declare_queue
 
 from ingress_ws.publisher import PublishUnavailable
 

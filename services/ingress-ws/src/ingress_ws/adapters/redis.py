@@ -22,8 +22,9 @@ from typing import cast
 import orjson
 import redis.asyncio as redis
 from envelope.models import PresenceEntry, PresenceMember
-from envelope.presence import RedisPresenceChanges, member_json
+from envelope.presence import member_json
 from envelope.topology import RedisKeys
+from realtime_runtime.presence import RedisPresenceChanges
 
 # KEYS: the board's presence hash, its members hash. ARGV: channel, board id, board JSON.
 _CHANGE = r"""

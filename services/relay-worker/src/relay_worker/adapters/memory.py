@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from envelope.memory import MemoryBroker, MemoryMessage
+from realtime_runtime.memory import MemoryBroker, MemoryMessage
 
 from relay_worker.relay import Relay
 

@@ -20,8 +20,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.exceptions import ChannelInvalidStateError
-from envelope.amqp import declare_queue
 from envelope.topology import Topology
+from realtime_runtime.amqp import declare_queue
 
 log = structlog.get_logger("relay_worker")
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
-from envelope.memory import RelayOutcome
 from envelope.topology import RedisKeys
+from realtime_runtime.memory import RelayOutcome
 from redis.exceptions import NoScriptError
 
 # One atomic step: a crash before it changes nothing, a crash after it leaves a marker

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from envelope.settings import SuiteSettings, load_settings
 from pydantic import ValidationError
+from realtime_runtime.settings import SuiteSettings, load_settings
 
 
 def test_defaults_follow_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:

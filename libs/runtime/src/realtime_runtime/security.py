@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, cast
 
-from envelope.settings import SuiteSettings
+from realtime_runtime.settings import SuiteSettings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,7 +26,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-log = logging.getLogger("envelope.security")
+log = logging.getLogger("realtime_runtime.security")
 
 CLOSE_HANDSHAKE_SECONDS = 4.0
 

@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 from envelope.codec import RelayedEvent
-from envelope.observability import DeliveryTracker, inject_trace_context, redact
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from realtime_runtime.observability import DeliveryTracker, inject_trace_context, redact
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_log_lines_are_json_with_service_trace_and_no_secret() -> None:
         import structlog
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from envelope.observability import configure_logging
+        from realtime_runtime.observability import configure_logging
 
         configure_logging("relay-worker")
         log = structlog.get_logger("relay_worker")
@@ -88,7 +88,7 @@ def run_logging(log_format: str, *, tty: bool = False) -> str:
     script = textwrap.dedent(
         f"""
         import logging
-        from envelope.observability import configure_logging
+        from realtime_runtime.observability import configure_logging
 
         configure_logging("ingress-ws", "info", {log_format!r})
         logging.getLogger("uvicorn.error").info(

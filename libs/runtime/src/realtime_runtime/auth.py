@@ -24,7 +24,7 @@ from typing import Any
 
 import jwt
 
-from envelope.settings import SuiteSettings
+from realtime_runtime.settings import SuiteSettings
 
 SESSION_COOKIE = "advanced_session"
 # With the `__Host-` prefix a browser takes the cookie only when it is Secure, has Path=/ and

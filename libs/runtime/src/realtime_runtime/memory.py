@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
 import orjson
-
 from envelope.codec import RelayedEvent, with_sequence
-from envelope.feed import PAGE, stream_id_key
+from envelope.cursors import stream_id_key
 from envelope.models import PresenceEntry, PresenceMember
 from envelope.presence import member_json, presence_frame, presence_message
+
+from realtime_runtime.feed import PAGE
 
 
 @dataclass(frozen=True, slots=True)

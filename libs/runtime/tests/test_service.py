@@ -6,8 +6,8 @@ import asyncio
 import gc
 
 import uvicorn
-from envelope.service import DrainingServer
 from fastapi import FastAPI
+from realtime_runtime.service import DrainingServer
 from support.processes import free_port
 
 

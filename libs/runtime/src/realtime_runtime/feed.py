@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
+from envelope.codec import RelayedEvent
+from envelope.cursors import BoardCursor, older_epoch, stream_id_key
+from envelope.topology import RedisKeys
 from redis.exceptions import RedisError
 
-from envelope.codec import RelayedEvent
-from envelope.pubsub import channel_frames
-from envelope.topology import RedisKeys
+from realtime_runtime.pubsub import channel_frames
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ C = TypeVar("C", int, str)
 # Events read from Redis per round trip, for a replay and for the hub's own catch-up: a replay
 # holds one page at a time, so a stream's memory is bounded by it, not by the history.
 PAGE = 200
-# Redis keeps a board's sequence with INCR (signed 64 bits) and a stream id as two unsigned
-# 64-bit numbers: a cursor past either is no cursor Redis could have given.
-MAX_SEQUENCE = 2**63 - 1
-MAX_STREAM_ID_PART = 2**64 - 1
-MAX_EPOCH = 10**20 - 1  # an epoch is 1-20 digits (`envelope.models.EPOCH_PATTERN`)
 # Boards whose last sequence and epoch the hub keeps for an activity-stream subscriber (every
 # board) beyond those with subscribers of their own: past this, the first-seen are forgotten.
 MAX_TRACKED_BOARDS = 10_000
@@ -74,75 +70,6 @@ class ActivityStore(Protocol):
     async def activity_head(self) -> tuple[str, str]:
         """(oldest, newest) retained activity stream id; ("0-0", "0-0") when empty."""
         ...
-
-
-def stream_id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _number(text: str, most: int) -> int | None:
-    # ASCII digits only ("²".isdigit() is true and int("²") raises), and never a 5000-digit
-    # int: 20 digits hold every 64-bit number.
-    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
-        return None
-    number = int(text)
-    return number if number <= most else None
-
-
-@dataclass(frozen=True, slots=True)
-class BoardCursor:
-    """Where a board client resumes: after `sequence` of the board's `epoch`.
-
-    Without an epoch (a client older than epochs) the sequence is trusted against the board's
-    current epoch.
-    """
-
-    sequence: int
-    epoch: str | None = None
-
-
-def parse_board_cursor(cursor: str | int | None, epoch: str | None = None) -> BoardCursor | None:
-    """The one reading of a board cursor: `<sequence>` or `<sequence>.<epoch>` (SSE `id:`,
-    `Last-Event-ID`, `?last_event_id=`, WebSocket `?after=`, a resume frame's `after`), with
-    the epoch given apart (`?epoch=`, the frame's `epoch`) or not at all. None when it is no
-    valid cursor: the client resumes with a reset from the oldest retained event."""
-    if isinstance(cursor, int):
-        cursor = str(cursor)
-    if cursor is None:
-        return None
-    text, dot, embedded = cursor.partition(".")
-    if dot:
-        if epoch is not None and epoch != embedded:
-            return None
-        epoch = embedded
-    if epoch is not None and _number(epoch, MAX_EPOCH) is None:
-        return None
-    sequence = _number(text, MAX_SEQUENCE)
-    return None if sequence is None else BoardCursor(sequence, epoch)
-
-
-def board_cursor(event: RelayedEvent) -> str:
-    """The cursor of a board event, as SSE sends it in `id:`: `<sequence>.<epoch>`."""
-    return f"{event.sequence}.{event.epoch}" if event.epoch else str(event.sequence)
-
-
-def _older_epoch(epoch: str, than: str) -> bool:
-    # Epochs are decimal ms without leading zeros: shorter is older, then by digits.
-    return (len(epoch), epoch) < (len(than), than)
-
-
-def parse_activity_cursor(cursor: str | None) -> str | None:
-    """The one reading of an `/sse/activity` cursor (a stream id, `<ms>` or `<ms>-<seq>`) in
-    the form Redis takes; None when Redis would refuse it (a reset then, not an error)."""
-    if cursor is None:
-        return None
-    ms, dash, seq = cursor.partition("-")
-    high = _number(ms, MAX_STREAM_ID_PART)
-    low = _number(seq, MAX_STREAM_ID_PART) if dash else 0
-    if high is None or low is None:
-        return None
-    return f"{high}-{low}"
 
 
 class RedisActivityStore:
@@ -596,7 +523,7 @@ class ActivityHub(Generic[T]):
         """Dispatch `event` after any of its board's events that this process missed."""
         known = self._epochs.get(event.board_id)
         if event.epoch and known and event.epoch != known:
-            if _older_epoch(event.epoch, known):
+            if older_epoch(event.epoch, known):
                 return  # of a history that was already replaced: never under old numbers
             self._board_restarted(event.board_id)
         last = self._last_sequence.get(event.board_id)

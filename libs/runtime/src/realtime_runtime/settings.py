@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Self, TypeVar
 
+from envelope.topology import QueueType, RedisKeys, Topology
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-from envelope.topology import QueueType, RedisKeys, Topology
 
 DEFAULT_TOKEN = "change-me-realtime"  # noqa: S105 - the documented development default
 DEFAULT_CSP = (

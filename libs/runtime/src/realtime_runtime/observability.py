@@ -20,10 +20,10 @@ from urllib.parse import unquote_plus
 
 import orjson
 import structlog
+from envelope.codec import RelayedEvent
 from opentelemetry import context, propagate, trace
 
-from envelope.codec import RelayedEvent
-from envelope.settings import SuiteSettings
+from realtime_runtime.settings import SuiteSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

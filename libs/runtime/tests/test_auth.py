@@ -11,8 +11,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from envelope import auth
-from envelope.auth import (
+from realtime_runtime import auth
+from realtime_runtime.auth import (
     HOST_SESSION_COOKIE,
     SESSION_COOKIE,
     Authenticator,
@@ -22,7 +22,7 @@ from envelope.auth import (
     credential_source,
     session_cookie_name,
 )
-from envelope.settings import SuiteSettings
+from realtime_runtime.settings import SuiteSettings
 
 TOKEN = "unit-" + "shared-token"
 SECRET = "unit-" + "jwt-secret-0123456789-abcdefghijkl"

@@ -17,7 +17,7 @@ from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
 from yarl import URL
 
-log = structlog.get_logger("envelope.amqp")
+log = structlog.get_logger("realtime_runtime.amqp")
 
 # How long one node may take to accept a connection before the next one is tried: a node
 # that died refuses at once, one cut off by the network answers nothing at all.

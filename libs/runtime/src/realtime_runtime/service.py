@@ -23,13 +23,13 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from envelope.observability import instrument_app
-from envelope.security import hardened_http_protocol, secure_app
-from envelope.settings import SuiteSettings
+from realtime_runtime.observability import instrument_app
+from realtime_runtime.security import hardened_http_protocol, secure_app
+from realtime_runtime.settings import SuiteSettings
 
 # Flags (all true: ready) and facts such as the RabbitMQ node a process is on.
 Readiness = Callable[[], Awaitable[dict[str, bool | str]]]
-log = structlog.get_logger("envelope.service")
+log = structlog.get_logger("realtime_runtime.service")
 
 REDIS_HEALTH_CHECK_SECONDS = 5
 
