@@ -9,6 +9,8 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from envelope.codes import ErrorCode, ResetReason
+
 SCHEMA_VERSION = "1"
 """The envelope's major version. Readers accept any `1` or `1.x`, refuse other majors."""
 
@@ -122,16 +124,7 @@ class AckFrame(_Wire):
 
 class ErrorFrame(_Wire):
     kind: Literal["error"] = "error"
-    # `unauthorized` and `forbidden` answer HTTP API requests only (401, 403): a WebSocket
-    # is closed with 4401 or 4403 instead.
-    code: Literal[
-        "invalid_message",
-        "payload_too_large",
-        "rate_limited",
-        "unavailable",
-        "forbidden",
-        "unauthorized",
-    ]
+    code: ErrorCode
     message: str
     correlation_id: str | None = None
 
@@ -150,7 +143,7 @@ class ResetFrame(_Wire):
     board_id: str | None
     # `history_lost`: the board's history is gone (it expired and started again under a new
     # epoch, or Redis lost its data); drop the old cursor, the events that follow are the new.
-    reason: Literal["cursor_expired", "history_lost"] = "cursor_expired"
+    reason: ResetReason = ResetReason.CURSOR_EXPIRED
     oldest_cursor: str | None
 
 

@@ -12,10 +12,11 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from envelope.codec import RelayedEvent
+from envelope.codes import ResetReason
 from envelope.cursors import BoardCursor, older_epoch, stream_id_key
 from envelope.topology import RedisKeys
 from redis.exceptions import RedisError
@@ -32,7 +33,6 @@ PAGE = 200
 # Boards whose last sequence and epoch the hub keeps for an activity-stream subscriber (every
 # board) beyond those with subscribers of their own: past this, the first-seen are forgotten.
 MAX_TRACKED_BOARDS = 10_000
-ResetReason = Literal["cursor_expired", "history_lost"]
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 # A catch-up or gap-filling read that takes longer is treated as a lost connection (a
 # TimeoutError is an OSError): the hub resubscribes and catches up again.
@@ -407,13 +407,13 @@ class ActivityHub(Generic[T]):
         reason: ResetReason | None = None
         after = 0
         if cursor is not None and cursor.epoch and epoch and cursor.epoch != epoch:
-            reason = "history_lost"
+            reason = ResetReason.HISTORY_LOST
         elif cursor is None or cursor.sequence > newest:
-            reason = "cursor_expired"
+            reason = ResetReason.CURSOR_EXPIRED
         else:
             after = cursor.sequence
             if oldest > after + 1:
-                reason = "cursor_expired"
+                reason = ResetReason.CURSOR_EXPIRED
         pages = self._board_pages(board_id, after, newest, epoch)
         return Replay(pages, reason, oldest_cursor, newest, epoch or "")
 
@@ -426,12 +426,12 @@ class ActivityHub(Generic[T]):
         oldest_cursor = oldest if oldest != "0-0" else None
         if cursor is None or stream_id_key(cursor) > stream_id_key(newest):
             pages = self._activity_pages("0-0", newest, boards)
-            return Replay(pages, "cursor_expired", oldest_cursor, newest)
+            return Replay(pages, ResetReason.CURSOR_EXPIRED, oldest_cursor, newest)
         # The cursor's own entry trimmed away: entries after it may have gone with it.
         position = stream_id_key(cursor)
         expired = position != (0, 0) and stream_id_key(oldest) > position
         pages = self._activity_pages(cursor, newest, boards)
-        return Replay(pages, "cursor_expired" if expired else None, oldest_cursor, newest)
+        return Replay(pages, ResetReason.CURSOR_EXPIRED if expired else None, oldest_cursor, newest)
 
     async def _board_pages(
         self, board_id: str, after: int, until: int, epoch: str | None = None

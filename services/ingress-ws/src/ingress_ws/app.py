@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from envelope.codes import CloseCode
 from envelope.models import is_board_id
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
@@ -55,11 +56,6 @@ from ingress_ws.presence_api import add_presence_api
 from ingress_ws.publisher import EventPublisher, MemoryPublisher
 from ingress_ws.refresh import CredentialLease
 from ingress_ws.sessions import (
-    CLOSE_BAD_BOARD,
-    CLOSE_FORBIDDEN,
-    CLOSE_GOING_AWAY,
-    CLOSE_TRY_AGAIN,
-    CLOSE_UNAUTHORISED,
     BoardSocket,
     IngressMetrics,
     IngressRuntime,
@@ -186,7 +182,7 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         if runtime is not None:
             await asyncio.gather(
                 *(
-                    sock.close(CLOSE_GOING_AWAY, "server shutting down")
+                    sock.close(CloseCode.GOING_AWAY, "server shutting down")
                     for sock in list(runtime.sockets)
                 )
             )
@@ -334,36 +330,36 @@ def create_app(settings: IngressSettings, *, memory: MemoryTransport | None = No
         # X-Forwarded-For counts only from those proxies.
         client = websocket.client.host if websocket.client else "unknown"
         if not await handshakes.allow(client):
-            await websocket.close(CLOSE_TRY_AGAIN, "too many connection attempts: back off")
+            await websocket.close(CloseCode.TRY_AGAIN, "too many connection attempts: back off")
             return
         if not is_board_id(board_id):
-            await websocket.close(CLOSE_BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
+            await websocket.close(CloseCode.BAD_BOARD, "board id must be 1-64 of [A-Za-z0-9_.-]")
             return
         client_id = websocket.query_params.get("client_id")
         if client_id is not None and not is_client_id(client_id):
-            await websocket.close(CLOSE_BAD_BOARD, "client_id must be 1-64 of [A-Za-z0-9_.:-]")
+            await websocket.close(CloseCode.BAD_BOARD, "client_id must be 1-64 of [A-Za-z0-9_.:-]")
             return
         credential = credential_source(websocket.query_params, websocket.headers, websocket.cookies)
         if not origin_allowed(websocket, credential, settings):
-            await websocket.close(CLOSE_FORBIDDEN, "origin not allowed")
+            await websocket.close(CloseCode.FORBIDDEN, "origin not allowed")
             return
         try:
             principal = authenticator.authenticate(credential.value if credential else None)
         except Unauthorized as exc:
-            await websocket.close(CLOSE_UNAUTHORISED, str(exc)[:120])
+            await websocket.close(CloseCode.UNAUTHORISED, str(exc)[:120])
             return
         if not principal.may_access(board_id):
-            await websocket.close(CLOSE_FORBIDDEN, "this token does not grant the board")
+            await websocket.close(CloseCode.FORBIDDEN, "this token does not grant the board")
             return
         # No await between this check and `presence.join` counting the socket (the first thing
         # `run` does), so concurrent handshakes cannot all pass it and overshoot the limit.
         if runtime.presence.connections >= settings.websocket_max_connections:
-            await websocket.close(CLOSE_TRY_AGAIN, "instance at its connection limit")
+            await websocket.close(CloseCode.TRY_AGAIN, "instance at its connection limit")
             return
         assert credential is not None  # authenticate() refused a missing one
         key = credential_key(principal, credential.value, client)
         if not slots.take(key):
-            await websocket.close(CLOSE_TRY_AGAIN, "too many sockets for this credential")
+            await websocket.close(CloseCode.TRY_AGAIN, "too many sockets for this credential")
             return
         lease = CredentialLease(
             principal,

@@ -20,15 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+from envelope.codes import CloseCode
 from envelope.models import ExpiringFrame, RefreshedFrame
 from pydantic import BaseModel
 from realtime_runtime.auth import Authenticator, Principal, Unauthorized
 
 from ingress_ws.admission import SocketSlots, credential_key
-
-CLOSE_TRY_AGAIN = 1013
-CLOSE_UNAUTHORISED = 4401
-CLOSE_FORBIDDEN = 4403
 
 Send = Callable[[BaseModel], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
@@ -81,7 +78,7 @@ class CredentialLease:
                 continue  # refreshed before the warning was due
             await send(ExpiringFrame(expires_at=_when(expires_at)))
             if await self._until(expires_at):
-                await close(CLOSE_UNAUTHORISED, "token expired")
+                await close(CloseCode.UNAUTHORISED, "token expired")
                 return
 
     async def refresh(self, token: str, send: Send, close: Close) -> bool:
@@ -90,19 +87,19 @@ class CredentialLease:
         try:
             principal = self._authenticator.authenticate(token)
         except Unauthorized as exc:
-            await close(CLOSE_UNAUTHORISED, str(exc)[:120])
+            await close(CloseCode.UNAUTHORISED, str(exc)[:120])
             return False
         if not principal.may_access(self._board_id):
-            await close(CLOSE_FORBIDDEN, "the new credential does not grant the board")
+            await close(CloseCode.FORBIDDEN, "the new credential does not grant the board")
             return False
         if principal.subject != self.principal.subject:
-            await close(CLOSE_FORBIDDEN, "the new credential is another identity's: reconnect")
+            await close(CloseCode.FORBIDDEN, "the new credential is another identity's: reconnect")
             return False
         key = credential_key(principal, token, self._client)
         if key != self.key:
             # Synchronous from the check to the count, like the handshake's.
             if not self._slots.take(key):
-                await close(CLOSE_TRY_AGAIN, "too many sockets for the new credential")
+                await close(CloseCode.TRY_AGAIN, "too many sockets for the new credential")
                 return False
             self._slots.release(self.key)
             self.key = key

@@ -12,6 +12,7 @@ import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.codec import InvalidFrame
+from envelope.codes import CloseCode
 from envelope.cursors import parse_board_cursor
 from envelope.models import (
     AckFrame,
@@ -42,13 +43,6 @@ from ingress_ws.settings import IngressSettings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN = 1013
-CLOSE_BAD_BOARD = 4400
-CLOSE_UNAUTHORISED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_SLOW_CONSUMER = 4408
 WRITE_BATCH = 64  # events sent per wake-up of a socket's writer when several are waiting
 MAX_IN_FLIGHT = 256  # unconfirmed publishes per connection before we stop reading
 # A client that stopped reading cannot take a close frame either: give up on it after this.
@@ -252,7 +246,7 @@ class BoardSocket:
                         await asyncio.wait(self._publishes, timeout=CLOSE_TIMEOUT_SECONDS)
         except SlowConsumer:
             self._log.warning("closing a slow consumer")
-            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+            await self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
         except WebSocketDisconnect:
             pass
         finally:
@@ -264,7 +258,9 @@ class BoardSocket:
         if self.websocket.application_state == WebSocketState.CONNECTED:
             self.runtime.metrics.closes.labels(str(code)).inc()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS)
+                await asyncio.wait_for(
+                    self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS
+                )
 
     async def _replay(self, cursor: str | int, epoch: str | None) -> None:
         """Replay the board's retained events after `cursor`, then carry on live without a
@@ -315,7 +311,7 @@ class BoardSocket:
                 self._strikes += 1
                 if self._strikes >= settings.websocket_rate_limit_strikes:
                     self._log.warning("closing a client that keeps breaking its rate limit")
-                    await self.close(CLOSE_POLICY, "rate limit exceeded repeatedly")
+                    await self.close(CloseCode.POLICY, "rate limit exceeded repeatedly")
                     return
                 await self._refuse(
                     InvalidFrame(
