@@ -36,6 +36,9 @@ class SuiteSettings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1"
     # How long a client may take to send a request's head and body (uvicorn sets no limit).
     http_request_timeout_seconds: float = Field(default=10, gt=0)
+    # SIGTERM: how long the drain waits for sockets, streams and in-flight work before it
+    # cancels what is left; under the contract's 10 s, with room to close the clients after.
+    drain_timeout_seconds: float = Field(default=5, gt=0, le=8)
 
     realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
     auth_jwt_secret: SecretStr | None = None
