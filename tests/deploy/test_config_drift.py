@@ -72,6 +72,7 @@ def env_names(settings: type[BaseSettings], *, secrets_only: bool = False) -> se
 
 
 READ_BY = {service: env_names(settings) for service, settings in SETTINGS.items()}
+RABBITMQ_CLIENTS = {name for name, reads in READ_BY.items() if "ADVANCED_RABBITMQ_URL" in reads}
 READ_BY_ANY = set().union(*READ_BY.values())
 SECRETS = set().union(*(env_names(settings, secrets_only=True) for settings in SETTINGS.values()))
 
@@ -163,10 +164,12 @@ def test_compose_sets_only_variables_each_service_reads() -> None:
 
 
 def test_the_rabbitmq_cluster_variant_sets_only_variables_each_service_reads() -> None:
-    """compose.rabbitmq-cluster.yaml, merged over compose.yaml: every suite service gets the
-    three nodes and quorum queues, in variables it reads."""
+    """compose.rabbitmq-cluster.yaml, merged over compose.yaml: every suite service that uses
+    RabbitMQ gets the three nodes and quorum queues, in variables it reads."""
     cluster: dict[str, Any] = load_yaml(COMPOSE_DIR / "compose.rabbitmq-cluster.yaml")["services"]
-    for name, reads in READ_BY.items():
+    assert not set(cluster) & (set(READ_BY) - RABBITMQ_CLIENTS)  # the gateway reads no RabbitMQ
+    for name in RABBITMQ_CLIENTS:
+        reads = READ_BY[name]
         environment = compose_environment(cluster[name])
         assert environment <= reads, f"{name} ignores {sorted(environment - reads)}"
         env = cluster[name]["environment"]
