@@ -2,8 +2,10 @@
 
 Every `ADVANCED_*` variable that compose or Kubernetes sets must be one the receiving service
 reads (a misspelt or retired name is otherwise ignored in silence: the settings allow extra
-variables); secret-typed settings go to the Secret, never to the ConfigMap; the dashboard and
-the alerts reference only metrics the suite exports, on scrape jobs Prometheus has.
+variables); every variable the contract and the seed name is read by exactly the services
+that use it, with the default they give; secret-typed settings go to the Secret, never to the
+ConfigMap; the dashboard and the alerts reference only metrics the suite exports, on scrape
+jobs Prometheus has.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from ingress_ws.settings import IngressSettings
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
+from realtime_runtime.settings import DEFAULT_CSP
 from relay_worker.settings import WorkerSettings
 from sse_gateway.settings import GatewaySettings
 
@@ -72,8 +75,94 @@ def env_names(settings: type[BaseSettings], *, secrets_only: bool = False) -> se
 
 
 READ_BY = {service: env_names(settings) for service, settings in SETTINGS.items()}
+RABBITMQ_CLIENTS = {name for name, reads in READ_BY.items() if "ADVANCED_RABBITMQ_URL" in reads}
 READ_BY_ANY = set().union(*READ_BY.values())
 SECRETS = set().union(*(env_names(settings, secrets_only=True) for settings in SETTINGS.values()))
+
+
+# --- the contract's and the seed's variables ------------------------------------------------
+
+INGRESS, GATEWAY, WORKER = "ingress-ws", "sse-gateway", "relay-worker"
+EVERY = frozenset(SETTINGS)
+EDGES = frozenset({INGRESS, GATEWAY})
+RABBITMQ = frozenset({INGRESS, WORKER})  # the gateway reads Redis only
+
+# Every variable CONTRACT.md names and the seed's section 6 lists: the services that read it
+# (exactly those: a field lives with the services that use it) and its default there.
+CONTRACT_VARIABLES: dict[str, tuple[frozenset[str], object]] = {
+    # Contract section 1.
+    "ADVANCED_INGRESS_PORT": (frozenset({INGRESS}), 8004),
+    # The ingress reads it too: the page looks for the gateway there.
+    "ADVANCED_SSE_PORT": (EDGES, 8005),
+    "ADVANCED_WORKER_PORT": (frozenset({WORKER}), 8006),
+    "ADVANCED_HOST": (EVERY, "127.0.0.1"),
+    "ADVANCED_REDIS_KEY_PREFIX": (EVERY, "advanced:"),
+    # The contract's default, `http://localhost:8005`, is derived: unset, the page uses its
+    # own host at ADVANCED_SSE_PORT, which is that URL for a page opened on localhost.
+    "ADVANCED_SSE_PUBLIC_URL": (frozenset({INGRESS}), None),
+    # Section 2 ("a service refuses to start" with the default token: every service).
+    "ADVANCED_REALTIME_TOKEN": (EVERY, "change-me-realtime"),
+    "ADVANCED_AUTH_JWT_SECRET": (EDGES, None),
+    "ADVANCED_AUTH_JWT_PUBLIC_KEY": (EDGES, None),
+    "ADVANCED_ENVIRONMENT": (EVERY, "development"),
+    # Sections 3 and 5.
+    "ADVANCED_MAX_PAYLOAD_BYTES": (frozenset({INGRESS}), 16_384),
+    "ADVANCED_WEBSOCKET_MAX_CONNECTIONS": (frozenset({INGRESS}), 128),
+    "ADVANCED_SSE_HEARTBEAT_SECONDS": (frozenset({GATEWAY}), 15),
+    "ADVANCED_REPLAY_RETENTION": (frozenset({WORKER}), 10_000),  # the relay trims the streams
+    "ADVANCED_ALLOWED_ORIGINS": (
+        EDGES,
+        ["http://localhost:3000", "http://127.0.0.1:3000", "http://localhost:5173"],
+    ),
+    # Section 6 and the seed's 6.1: the retry ladder is the worker's.
+    "ADVANCED_RABBITMQ_RETRY_DELAY_MS": (frozenset({WORKER}), 5000),
+    "ADVANCED_RABBITMQ_MAX_RETRIES": (frozenset({WORKER}), 5),
+    # Section 8 and the seed's 6.2.
+    "ADVANCED_TELEMETRY_ENABLED": (EVERY, True),
+    "ADVANCED_METRICS_PATH": (EVERY, "/metrics"),
+    "ADVANCED_OTEL_EXPORTER_OTLP_ENDPOINT": (EVERY, None),
+    "ADVANCED_OTEL_EXPORTER_OTLP_PROTOCOL": (EVERY, "http/protobuf"),
+    "ADVANCED_OTEL_EXPORTER_OTLP_HEADERS": (EVERY, None),
+    "ADVANCED_RATE_LIMIT_DEFAULT": (EDGES, "120/minute"),
+    "ADVANCED_ACTIVITY_STREAM_RATE_LIMIT": (frozenset({GATEWAY}), "30/minute"),
+    # Sections 9, 11, 12 and 13.
+    "ADVANCED_RABBITMQ_URL": (RABBITMQ, "amqp://guest:guest@localhost:5672/"),
+    "ADVANCED_RABBITMQ_QUEUE_TYPE": (RABBITMQ, "classic"),
+    "ADVANCED_REPLAY_RETENTION_SECONDS": (frozenset({WORKER}), 0),
+    "ADVANCED_PRESENCE_TTL_SECONDS": (frozenset({INGRESS}), 30),
+    "ADVANCED_AUTH_REFRESH_WARNING_SECONDS": (frozenset({INGRESS}), 30),
+    # The seed's 6.1 beside them.
+    "ADVANCED_EVENT_TRANSPORT": (EVERY, "rabbitmq"),
+    "ADVANCED_BOARD_CHANNEL": (EVERY, "advanced:board"),
+    "ADVANCED_ACTIVITY_CHANNEL": (EVERY, "advanced:activity"),
+    "ADVANCED_REDIS_URL": (EVERY, "redis://localhost:6379/2"),
+    "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS": (frozenset({WORKER}), 300),
+    "ADVANCED_RABBITMQ_EXCHANGE": (RABBITMQ, "advanced.board.events"),
+    "ADVANCED_RABBITMQ_QUEUE": (RABBITMQ, "advanced.board.events"),
+    "ADVANCED_RABBITMQ_RETRY_QUEUE": (RABBITMQ, "advanced.board.events.retry"),
+    "ADVANCED_RABBITMQ_DLQ_QUEUE": (RABBITMQ, "advanced.board.events.dlq"),
+    # The seed's 6.2 beside them (its CSP default is "strict, see the Settings class").
+    "ADVANCED_CONTENT_SECURITY_POLICY": (EVERY, DEFAULT_CSP),
+    "ADVANCED_STRICT_TRANSPORT_SECURITY": (EVERY, "max-age=63072000; includeSubDomains; preload"),
+}
+# Contract section 9's Redis Cluster mode, which no service implements yet: move each into
+# the table above with its readers when one does.
+CONTRACT_VARIABLES_NOT_YET_READ = {"ADVANCED_REDIS_MODE", "ADVANCED_REDIS_MIN_REPLICAS"}
+
+
+def default_of(settings: type[BaseSettings], variable: str) -> object:
+    field = settings.model_fields[variable.removeprefix("ADVANCED_").lower()]
+    default = field.get_default(call_default_factory=True)
+    return default.get_secret_value() if isinstance(default, SecretStr) else default
+
+
+def test_every_contract_variable_is_read_by_the_services_that_use_it_with_its_default() -> None:
+    for variable, (readers, default) in CONTRACT_VARIABLES.items():
+        read_by = {service for service, reads in READ_BY.items() if variable in reads}
+        assert read_by == readers, f"{variable} is read by {sorted(read_by)}, not {sorted(readers)}"
+        for service in readers:
+            assert default_of(SETTINGS[service], variable) == default, (variable, service)
+    assert not CONTRACT_VARIABLES_NOT_YET_READ & READ_BY_ANY, "move it to CONTRACT_VARIABLES"
 
 
 # --- what the deploy files set --------------------------------------------------------------
@@ -163,10 +252,12 @@ def test_compose_sets_only_variables_each_service_reads() -> None:
 
 
 def test_the_rabbitmq_cluster_variant_sets_only_variables_each_service_reads() -> None:
-    """compose.rabbitmq-cluster.yaml, merged over compose.yaml: every suite service gets the
-    three nodes and quorum queues, in variables it reads."""
+    """compose.rabbitmq-cluster.yaml, merged over compose.yaml: every suite service that uses
+    RabbitMQ gets the three nodes and quorum queues, in variables it reads."""
     cluster: dict[str, Any] = load_yaml(COMPOSE_DIR / "compose.rabbitmq-cluster.yaml")["services"]
-    for name, reads in READ_BY.items():
+    assert not set(cluster) & (set(READ_BY) - RABBITMQ_CLIENTS)  # the gateway reads no RabbitMQ
+    for name in RABBITMQ_CLIENTS:
+        reads = READ_BY[name]
         environment = compose_environment(cluster[name])
         assert environment <= reads, f"{name} ignores {sorted(environment - reads)}"
         env = cluster[name]["environment"]

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from realtime_runtime.feed import RedisActivityStore
 from realtime_runtime.service import redis_client
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import RedisSettings
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from support.brokers import Brokers
@@ -21,8 +21,8 @@ from support.proxy import TcpProxy
 pytestmark = [pytest.mark.e2e]
 
 
-def settings_for(url: str, prefix: str = "t:") -> SuiteSettings:
-    return SuiteSettings(
+def settings_for(url: str, prefix: str = "t:") -> RedisSettings:
+    return RedisSettings(
         _env_file=None,
         redis_url=url,
         redis_key_prefix=prefix,

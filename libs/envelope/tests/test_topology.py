@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 from envelope.topology import QUORUM_DELIVERY_LIMIT
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import RabbitMQSettings, RedisSettings
 
 
 def test_a_board_always_routes_to_the_same_partition_queue() -> None:
-    topology = SuiteSettings(_env_file=None, rabbitmq_partitions=8).topology
+    topology = RabbitMQSettings(_env_file=None, rabbitmq_partitions=8).topology
     partitions = {topology.partition_of(f"board-{n}") for n in range(200)}
     assert partitions == set(range(8))  # boards spread over every partition
     assert topology.routing_key("demo") == topology.routing_key("demo")
@@ -15,7 +15,7 @@ def test_a_board_always_routes_to_the_same_partition_queue() -> None:
 
 
 def test_every_redis_name_carries_the_prefix() -> None:
-    keys = SuiteSettings(_env_file=None, redis_key_prefix="p:").redis_keys
+    keys = RedisSettings(_env_file=None, redis_key_prefix="p:").redis_keys
     names = [
         keys.activity_stream,
         keys.board_stream("b"),
@@ -33,7 +33,7 @@ def test_every_redis_name_carries_the_prefix() -> None:
 
 
 def test_classic_queues_keep_the_arguments_every_deployment_declared() -> None:
-    topology = SuiteSettings(_env_file=None).topology
+    topology = RabbitMQSettings(_env_file=None).topology
     assert topology.queue_type == "classic"
     assert topology.partition_queue_arguments == {
         "x-single-active-consumer": True,
@@ -47,7 +47,7 @@ def test_classic_queues_keep_the_arguments_every_deployment_declared() -> None:
 
 
 def test_quorum_queues_dead_letter_at_least_once_with_an_explicit_delivery_limit() -> None:
-    topology = SuiteSettings(_env_file=None, rabbitmq_queue_type="quorum").topology
+    topology = RabbitMQSettings(_env_file=None, rabbitmq_queue_type="quorum").topology
     dead_lettering = {
         "x-queue-type": "quorum",
         "x-dead-letter-strategy": "at-least-once",

@@ -22,14 +22,14 @@ from realtime_runtime.auth import (
     credential_source,
     session_cookie_name,
 )
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import AuthSettings
 
 TOKEN = "unit-" + "shared-token"
 SECRET = "unit-" + "jwt-secret-0123456789-abcdefghijkl"
 
 
-def settings(**overrides: Any) -> SuiteSettings:
-    return SuiteSettings(_env_file=None, realtime_token=TOKEN, **overrides)
+def settings(**overrides: Any) -> AuthSettings:
+    return AuthSettings(_env_file=None, realtime_token=TOKEN, **overrides)
 
 
 def claims(boards: list[str] | None = None, ttl: float = 60, **extra: Any) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def test_an_expired_or_forged_session_is_refused() -> None:
 def test_rotating_the_token_revokes_every_session() -> None:
     old = Authenticator(settings())
     value, _ = old.issue_session(old.authenticate(TOKEN), 600)
-    rotated = Authenticator(SuiteSettings(_env_file=None, realtime_token="the-next-token"))
+    rotated = Authenticator(AuthSettings(_env_file=None, realtime_token="the-next-token"))
     with pytest.raises(Unauthorized):
         rotated.authenticate(value)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import jwt
 
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import AuthSettings
 
 SESSION_COOKIE = "advanced_session"
 # With the `__Host-` prefix a browser takes the cookie only when it is Secure, has Path=/ and
@@ -103,7 +103,7 @@ def _digest(value: bytes) -> bytes:
 class Authenticator:
     """Accepts the shared token (constant-time compare), session values and configured JWTs."""
 
-    def __init__(self, settings: SuiteSettings) -> None:
+    def __init__(self, settings: AuthSettings) -> None:
         token = settings.realtime_token.get_secret_value().encode()
         self._token_digest = _digest(token)
         self._session_key = hmac.new(token, _SESSION_KEY_LABEL, hashlib.sha256).digest()

@@ -23,7 +23,7 @@ import structlog
 from envelope.codec import RelayedEvent
 from opentelemetry import context, propagate, trace
 
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import TelemetrySettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -190,7 +190,7 @@ def configure_logging(service: str, level: str = "info", log_format: LogFormat =
         logging.getLogger(name).propagate = True
 
 
-def otlp_headers(settings: SuiteSettings) -> dict[str, str]:
+def otlp_headers(settings: TelemetrySettings) -> dict[str, str]:
     """`ADVANCED_OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key=value`) as a dict."""
     headers: dict[str, str] = {}
     if settings.otel_exporter_otlp_headers is not None:
@@ -201,7 +201,7 @@ def otlp_headers(settings: SuiteSettings) -> dict[str, str]:
     return headers
 
 
-def configure_tracing(settings: SuiteSettings, service: str) -> bool:
+def configure_tracing(settings: TelemetrySettings, service: str) -> bool:
     """Export spans over OTLP when `ADVANCED_OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
     Also instruments Redis commands and AMQP publish/consume. Returns whether tracing is on.
@@ -266,7 +266,7 @@ def _redact_span_urls(span: trace.Span, scope: dict[str, Any]) -> None:
             span.set_attribute(key, cleaned)
 
 
-def instrument_app(app: FastAPI, settings: SuiteSettings) -> None:
+def instrument_app(app: FastAPI, settings: TelemetrySettings) -> None:
     """A server span per HTTP request, once `configure_tracing` has set up an exporter.
 
     Probes and metrics are left out (scraped every few seconds, they tell nothing), and so are

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, cast
 
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import ServiceSettings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,7 +36,7 @@ PERMISSIONS_POLICY = (
 )
 
 
-def security_headers(settings: SuiteSettings) -> list[tuple[bytes, bytes]]:
+def security_headers(settings: ServiceSettings) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-security-policy", settings.content_security_policy.encode()),
         (b"strict-transport-security", settings.strict_transport_security.encode()),
@@ -52,7 +52,7 @@ def security_headers(settings: SuiteSettings) -> list[tuple[bytes, bytes]]:
 class SecurityHeadersMiddleware:
     """Adds the headers at the ASGI level, so streaming and error responses get them too."""
 
-    def __init__(self, app: ASGIApp, settings: SuiteSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: ServiceSettings) -> None:
         self.app = app
         self.headers = security_headers(settings)
 
@@ -71,7 +71,7 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def secure_app(app: Any, settings: SuiteSettings) -> None:
+def secure_app(app: Any, settings: ServiceSettings) -> None:
     """Wrap the app's whole middleware stack, `ServerErrorMiddleware` included, in the headers.
 
     `add_middleware` places a middleware inside Starlette's `ServerErrorMiddleware`, whose 500

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime_runtime.observability import instrument_app
 from realtime_runtime.security import hardened_http_protocol, secure_app
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import RedisSettings, ServiceSettings
 
 # Flags (all true: ready) and facts such as the RabbitMQ node a process is on.
 Readiness = Callable[[], Awaitable[dict[str, bool | str]]]
@@ -34,7 +34,7 @@ log = structlog.get_logger("realtime_runtime.service")
 REDIS_HEALTH_CHECK_SECONDS = 5
 
 
-def redis_client(settings: SuiteSettings) -> redis.Redis:
+def redis_client(settings: RedisSettings) -> redis.Redis:
     """The Redis client of an edge, with its timeouts set rather than redis-py's defaults
     (none): a command on a Redis that stopped answering fails after
     `ADVANCED_REDIS_SOCKET_TIMEOUT_SECONDS`, a connect after `..._CONNECT_TIMEOUT_SECONDS`, and
@@ -61,7 +61,7 @@ def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:
 
 def add_operations(
     app: FastAPI,
-    settings: SuiteSettings,
+    settings: ServiceSettings,
     registry: CollectorRegistry,
     readiness: Readiness,
     *,
@@ -188,7 +188,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def local_url(settings: SuiteSettings, port: int) -> str:
+def local_url(settings: ServiceSettings, port: int) -> str:
     """Where a person on this machine reaches a service bound to `ADVANCED_HOST`."""
     host = settings.host
     if host in {"127.0.0.1", "0.0.0.0", "::", "::1", ""}:
@@ -200,7 +200,7 @@ def local_url(settings: SuiteSettings, port: int) -> str:
 
 def serve(
     app: Any,
-    settings: SuiteSettings,
+    settings: ServiceSettings,
     port: int,
     drain: Drain | None = None,
     ready: str = "ready: listening on {url}",

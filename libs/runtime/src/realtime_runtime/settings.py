@@ -1,4 +1,16 @@
-"""The `ADVANCED_*` variables every service reads. Each service subclasses `SuiteSettings`."""
+"""The shared parts of the services' settings; each service composes the parts it reads.
+
+Every part reads flat `ADVANCED_*` variables (and an optional `.env`), so a service's class is
+`class GatewaySettings(ServiceSettings, AuthSettings, RedisSettings, HttpEdgeSettings)` plus
+the fields only it reads, and callers keep writing `settings.redis_url`. A part's validators
+travel with it: a service that does not compose the RabbitMQ part never checks its URL.
+
+- `ServiceSettings`: what every service reads (bind, logs, drain, Host allowlist, security
+  headers of its operations routes, telemetry) and the default-token refusal.
+- `AuthSettings`: the credentials an edge checks (the token, the JWT keys and claims).
+- `RedisSettings`, `RabbitMQSettings`: the brokers' addresses and the names they share.
+- `HttpEdgeSettings`: what a browser-facing edge applies (CORS origins, the default rate limit).
+"""
 
 from __future__ import annotations
 
@@ -25,10 +37,55 @@ _ORIGIN = re.compile(
 )
 
 
-class SuiteSettings(BaseSettings):
+def _comma_separated(value: object, *, lower: bool = False) -> object:
+    if isinstance(value, str):
+        items = (item.strip() for item in value.split(","))
+        return [item.lower() if lower else item for item in items if item]
+    return value
+
+
+class SettingsPart(BaseSettings):
+    """The prefix and `.env` every part reads, and the environment several parts' checks
+    consult (the token refusal, the default Host allowlist)."""
+
     model_config = SettingsConfigDict(env_prefix="ADVANCED_", env_file=".env", extra="ignore")
 
     environment: Literal["development", "test", "staging", "production"] = "development"
+
+
+class TelemetrySettings(SettingsPart):
+    """Metrics and traces (`realtime_runtime.observability`)."""
+
+    telemetry_enabled: bool = True
+    metrics_path: str = "/metrics"
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    otel_exporter_otlp_headers: SecretStr | None = None
+
+
+class TokenSettings(SettingsPart):
+    """The shared token, which every service refuses to start with outside development
+    (CONTRACT section 2 says "a service", so the worker, which checks no credential, refuses
+    it too: a deployment that forgot its secrets fails closed everywhere)."""
+
+    realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
+
+    @model_validator(mode="after")
+    def _refuse_the_default_token(self) -> Self:
+        if self.environment != "development" and (
+            self.realtime_token.get_secret_value() == DEFAULT_TOKEN
+        ):
+            raise ValueError(
+                "ADVANCED_REALTIME_TOKEN is the documented default 'change-me-realtime': "
+                "set a secret token, or ADVANCED_ENVIRONMENT=development for local runs."
+            )
+        return self
+
+
+class ServiceSettings(TokenSettings, TelemetrySettings):
+    """What every service reads: serving (`realtime_runtime.service`), its operations routes'
+    headers and Host allowlist, logs, drain, telemetry, the token refusal."""
+
     host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: readable text on a terminal, JSON lines otherwise (collectors, files, containers).
@@ -39,91 +96,19 @@ class SuiteSettings(BaseSettings):
     # SIGTERM: how long the drain waits for sockets, streams and in-flight work before it
     # cancels what is left; under the contract's 10 s, with room to close the clients after.
     drain_timeout_seconds: float = Field(default=5, gt=0, le=8)
-
-    realtime_token: SecretStr = SecretStr(DEFAULT_TOKEN)
-    auth_jwt_secret: SecretStr | None = None
-    auth_jwt_public_key: SecretStr | None = None
-    auth_jwt_audience: str | None = None  # when set, a JWT's `aud` must name it
-    auth_jwt_issuer: str | None = None  # when set, a JWT's `iss` must equal it
-
     event_transport: Literal["rabbitmq", "memory"] = "rabbitmq"
-    board_channel: str = "advanced:board"
-    activity_channel: str = "advanced:activity"
-    redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
-    redis_key_prefix: str = "advanced:"
-    # Set on every Redis client the services build (redis-py's default is no timeout at all:
-    # a Redis that stops answering would hold a command, and whatever waits on it, for ever).
-    redis_socket_timeout_seconds: float = Field(default=10, gt=0)
-    redis_connect_timeout_seconds: float = Field(default=5, gt=0)
-    redis_idempotency_ttl_seconds: int = Field(default=300, ge=1)
-    replay_retention: int = Field(default=10_000, ge=1)
-    # Beside the count: events older than this may be trimmed from the retained streams (the
-    # relay trims on each write; an idle board's stream expires this long after its last
-    # event). 0, the default: by count only, and ADVANCED_BOARD_IDLE_TTL_SECONDS bounds an
-    # idle board's history instead.
-    replay_retention_seconds: int = Field(default=0, ge=0)
-
-    # One node, or a cluster's nodes comma-separated: every process uses the first that answers.
-    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
-    # classic: one copy on one node (a single-node broker, and what every deployment so far
-    # declared). quorum: replicated over a cluster's nodes, survives the loss of a minority.
-    # Changing it means new queues (docs/operations.md), so it is never switched by default.
-    rabbitmq_queue_type: QueueType = "classic"
-    rabbitmq_exchange: str = "advanced.board.events"
-    rabbitmq_queue: str = "advanced.board.events"
-    rabbitmq_retry_queue: str = "advanced.board.events.retry"
-    rabbitmq_dlq_queue: str = "advanced.board.events.dlq"
-    rabbitmq_max_retries: int = Field(default=5, ge=0)
-    rabbitmq_retry_delay_ms: int = Field(default=5000, ge=1)
-    rabbitmq_partitions: int = Field(default=8, ge=1, le=1024)
-
-    allowed_origins: Annotated[list[str], NoDecode] = [
-        "http://localhost:3000",
-        "http://127.0.0.1:3000",
-        "http://localhost:5173",
-    ]
     # Host names (Host header, port aside) the services answer; `*.example.com` for a domain's
     # subdomains. Unset: localhost, 127.0.0.1 and [::1] in development (a DNS-rebinding page
     # then cannot reach a local suite running with the default token), any host otherwise.
     allowed_hosts: Annotated[list[str] | None, NoDecode] = None
-    rate_limit_default: str = "120/minute"
-    telemetry_enabled: bool = True
-    metrics_path: str = "/metrics"
-    otel_exporter_otlp_endpoint: str | None = None
-    otel_exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
-    otel_exporter_otlp_headers: SecretStr | None = None
+    # Sent on every HTTP response, the worker's /healthz and /metrics included.
     content_security_policy: str = DEFAULT_CSP
     strict_transport_security: str = "max-age=63072000; includeSubDomains; preload"
-
-    @field_validator("allowed_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
-
-    @field_validator("rabbitmq_url")
-    @classmethod
-    def _check_rabbitmq_nodes(cls, value: SecretStr) -> SecretStr:
-        nodes = value.get_secret_value().split(",")
-        if not all(node.strip().startswith(("amqp://", "amqps://")) for node in nodes):
-            raise ValueError(
-                "ADVANCED_RABBITMQ_URL must be one amqp:// or amqps:// URL per node, "
-                "comma-separated (amqp://user:pass@host1:5672/,amqp://user:pass@host2:5672/)."
-            )
-        return value
-
-    @property
-    def rabbitmq_urls(self) -> list[str]:
-        """The nodes of `ADVANCED_RABBITMQ_URL`, in the order they are tried."""
-        return [node.strip() for node in self.rabbitmq_url.get_secret_value().split(",")]
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [host.strip().lower() for host in value.split(",") if host.strip()]
-        return value
+        return _comma_separated(value, lower=True)
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -143,37 +128,75 @@ class SuiteSettings(BaseSettings):
             return self.allowed_hosts
         return list(LOCAL_HOSTS) if self.environment == "development" else ["*"]
 
+
+class AuthSettings(TokenSettings):
+    """The credentials an edge accepts (`realtime_runtime.auth.Authenticator`)."""
+
+    auth_jwt_secret: SecretStr | None = None
+    auth_jwt_public_key: SecretStr | None = None
+    auth_jwt_audience: str | None = None  # when set, a JWT's `aud` must name it
+    auth_jwt_issuer: str | None = None  # when set, a JWT's `iss` must equal it
+
     @model_validator(mode="after")
-    def _enforce_safe_defaults(self) -> Self:
-        if self.environment != "development" and (
-            self.realtime_token.get_secret_value() == DEFAULT_TOKEN
-        ):
-            raise ValueError(
-                "ADVANCED_REALTIME_TOKEN is the documented default 'change-me-realtime': "
-                "set a secret token, or ADVANCED_ENVIRONMENT=development for local runs."
-            )
-        if any("*" in origin for origin in self.allowed_origins):
-            raise ValueError(
-                "ADVANCED_ALLOWED_ORIGINS must list exact origins; a wildcard is refused."
-            )
+    def _refuse_a_short_jwt_secret(self) -> Self:
         if self.auth_jwt_secret is not None and len(self.auth_jwt_secret.get_secret_value()) < 32:
             raise ValueError(
                 "ADVANCED_AUTH_JWT_SECRET is shorter than 32 bytes, too short for HS256 "
                 "(RFC 7518 3.2): use a longer random secret."
             )
-        for origin in self.allowed_origins:
-            if not _ORIGIN.fullmatch(origin):
-                raise ValueError(
-                    f"ADVANCED_ALLOWED_ORIGINS entry {origin!r} is not an origin: write "
-                    "scheme://host[:port] with no path or trailing slash ('null' is refused)."
-                )
-        ladder_seconds = (self.rabbitmq_max_retries + 1) * self.rabbitmq_retry_delay_ms / 1000
-        if self.redis_idempotency_ttl_seconds <= ladder_seconds:
-            raise ValueError(
-                "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS must outlive the retry ladder "
-                f"({ladder_seconds:.0f}s = (MAX_RETRIES + 1) x RETRY_DELAY_MS); raise it."
-            )
         return self
+
+
+class RedisSettings(SettingsPart):
+    """Where Redis is and the names every service shares in it."""
+
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
+    redis_key_prefix: str = "advanced:"
+    # The seed's section 6 names it ("logical identifier used in payload metadata"); no code
+    # reads it today, and it stays so that a deployment setting it is not told it is unknown.
+    board_channel: str = "advanced:board"
+    activity_channel: str = "advanced:activity"
+    # Set on every Redis client `realtime_runtime.service.redis_client` builds (redis-py's
+    # default is no timeout at all: a Redis that stops answering would hold a command, and
+    # whatever waits on it, for ever).
+    redis_socket_timeout_seconds: float = Field(default=10, gt=0)
+    redis_connect_timeout_seconds: float = Field(default=5, gt=0)
+
+    @property
+    def redis_keys(self) -> RedisKeys:
+        return RedisKeys(prefix=self.redis_key_prefix, activity_channel=self.activity_channel)
+
+
+class RabbitMQSettings(SettingsPart):
+    """Where RabbitMQ is and the topology the publisher and the consumer both declare."""
+
+    # One node, or a cluster's nodes comma-separated: every process uses the first that answers.
+    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    # classic: one copy on one node (a single-node broker, and what every deployment so far
+    # declared). quorum: replicated over a cluster's nodes, survives the loss of a minority.
+    # Changing it means new queues (docs/operations.md), so it is never switched by default.
+    rabbitmq_queue_type: QueueType = "classic"
+    rabbitmq_exchange: str = "advanced.board.events"
+    rabbitmq_queue: str = "advanced.board.events"
+    rabbitmq_retry_queue: str = "advanced.board.events.retry"
+    rabbitmq_dlq_queue: str = "advanced.board.events.dlq"
+    rabbitmq_partitions: int = Field(default=8, ge=1, le=1024)
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _check_rabbitmq_nodes(cls, value: SecretStr) -> SecretStr:
+        nodes = value.get_secret_value().split(",")
+        if not all(node.strip().startswith(("amqp://", "amqps://")) for node in nodes):
+            raise ValueError(
+                "ADVANCED_RABBITMQ_URL must be one amqp:// or amqps:// URL per node, "
+                "comma-separated (amqp://user:pass@host1:5672/,amqp://user:pass@host2:5672/)."
+            )
+        return value
+
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        """The nodes of `ADVANCED_RABBITMQ_URL`, in the order they are tried."""
+        return [node.strip() for node in self.rabbitmq_url.get_secret_value().split(",")]
 
     @property
     def topology(self) -> Topology:
@@ -186,12 +209,39 @@ class SuiteSettings(BaseSettings):
             queue_type=self.rabbitmq_queue_type,
         )
 
-    @property
-    def redis_keys(self) -> RedisKeys:
-        return RedisKeys(prefix=self.redis_key_prefix, activity_channel=self.activity_channel)
+
+class HttpEdgeSettings(SettingsPart):
+    """What an edge browsers call applies: CORS origins and the default HTTP rate limit."""
+
+    allowed_origins: Annotated[list[str], NoDecode] = [
+        "http://localhost:3000",
+        "http://127.0.0.1:3000",
+        "http://localhost:5173",
+    ]
+    rate_limit_default: str = "120/minute"
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        return _comma_separated(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        if any("*" in origin for origin in value):
+            raise ValueError(
+                "ADVANCED_ALLOWED_ORIGINS must list exact origins; a wildcard is refused."
+            )
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"ADVANCED_ALLOWED_ORIGINS entry {origin!r} is not an origin: write "
+                    "scheme://host[:port] with no path or trailing slash ('null' is refused)."
+                )
+        return value
 
 
-SettingsT = TypeVar("SettingsT", bound=SuiteSettings)
+SettingsT = TypeVar("SettingsT", bound=SettingsPart)
 
 
 def load_settings(cls: type[SettingsT]) -> SettingsT:

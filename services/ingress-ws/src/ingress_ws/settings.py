@@ -1,11 +1,21 @@
+"""The ingress's settings: every shared part, and the WebSocket, session and page fields."""
+
 from __future__ import annotations
 
 from limits import parse
 from pydantic import Field, field_validator
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import (
+    AuthSettings,
+    HttpEdgeSettings,
+    RabbitMQSettings,
+    RedisSettings,
+    ServiceSettings,
+)
 
 
-class IngressSettings(SuiteSettings):
+class IngressSettings(
+    ServiceSettings, AuthSettings, RedisSettings, RabbitMQSettings, HttpEdgeSettings
+):
     ingress_port: int = 8004
     websocket_max_connections: int = Field(default=128, ge=1)
     # One credential's share of the instance's sockets (a JWT's subject; the shared token per
@@ -42,7 +52,7 @@ class IngressSettings(SuiteSettings):
     # Where browsers reach the SSE gateway; unset: this host at ADVANCED_SSE_PORT (the port the
     # gateway listens on), so moving the gateway's port moves the page with it.
     sse_public_url: str | None = None
-    sse_port: int = 8005
+    sse_port: int = 8005  # the gateway's own default (sse_gateway.settings), read for the URL
     # Events published over the HTTP API per credential (a JWT's subject; the shared token per
     # client address), across replicas: a batch counts each of its events.
     http_publish_rate_limit: str = "100/second"

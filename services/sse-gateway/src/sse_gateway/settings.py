@@ -1,10 +1,12 @@
+"""The gateway's settings: no RabbitMQ part, since the gateway reads only Redis."""
+
 from __future__ import annotations
 
 from pydantic import Field
-from realtime_runtime.settings import SuiteSettings
+from realtime_runtime.settings import AuthSettings, HttpEdgeSettings, RedisSettings, ServiceSettings
 
 
-class GatewaySettings(SuiteSettings):
+class GatewaySettings(ServiceSettings, AuthSettings, RedisSettings, HttpEdgeSettings):
     sse_port: int = 8005
     sse_heartbeat_seconds: float = Field(default=15, gt=0)
     activity_stream_rate_limit: str = "30/minute"

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from realtime_runtime.memory import MemoryTransport
 from realtime_runtime.observability import configure_logging
 from realtime_runtime.service import serve
-from realtime_runtime.settings import SuiteSettings, load_settings
+from realtime_runtime.settings import TelemetrySettings, load_settings
 from relay_worker.app import build_worker
 from relay_worker.settings import WorkerSettings
 from sse_gateway.app import create_app as create_gateway
@@ -60,7 +60,7 @@ class DevSuite:
     answers `/readyz` and `/metrics` for all three."""
 
     def __init__(
-        self, ingress: FastAPI, gateway: FastAPI, worker: FastAPI, settings: SuiteSettings
+        self, ingress: FastAPI, gateway: FastAPI, worker: FastAPI, settings: TelemetrySettings
     ) -> None:
         self.ingress, self.gateway, self.worker = ingress, gateway, worker
         self.state = ingress.state
