@@ -111,13 +111,13 @@ class ServerSendPassthrough:
 
 
 def pass_server_send(app: Any) -> None:
-    """Wrap the app's whole middleware stack (as `secure_app` does) in `ServerSendPassthrough`."""
-    build = app.build_middleware_stack
+    """Add `ServerSendPassthrough` outside every middleware added so far.
 
-    def build_with_passthrough() -> ASGIApp:
-        return ServerSendPassthrough(build())
-
-    app.build_middleware_stack = build_with_passthrough
+    Call it last: `add_middleware` puts the newest outermost, so the security headers (added
+    by `add_operations`) and the rest are inside it. (Starlette's own error middleware stays
+    outside: body chunks pass through its one `send` wrapper, not through the stack.)
+    """
+    app.add_middleware(ServerSendPassthrough)
 
 
 class EventStreamResponse(Response):
