@@ -336,7 +336,7 @@ async def test_the_hub_forgets_boards_that_have_no_subscribers(
     assert hub.board_ids == [] and hub.tracked_boards == 0
 
     # While an activity-stream subscriber is here, the boards it sees are kept, bounded.
-    monkeypatch.setattr("realtime_runtime.feed.MAX_TRACKED_BOARDS", 20)
+    monkeypatch.setattr("realtime_runtime.feed.hub.MAX_TRACKED_BOARDS", 20)
     with hub.subscribe_activity(None, 1000) as on_all, hub.subscribe_board("kept", 10) as kept:
         await send(store, "kept", 1)
         for n in range(50):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from realtime_runtime.security import _Flag, _Pipeline, _ReceiveQueue
+from realtime_runtime.uvicorn_limits import _Flag, _Pipeline, _ReceiveQueue
 
 
 async def test_a_flag_wakes_every_waiter_and_survives_one_cancelled() -> None:

@@ -52,7 +52,10 @@ class FailoverConnection(RobustConnection):
         return node_name(self.url) if self.connected.is_set() else None
 
     # The robust connection's one transport attempt (name-mangled private in aio-pika 10):
-    # both the first connect and every reconnect go through it.
+    # both the first connect and every reconnect go through it. Overridden because aio-pika
+    # has no public way to reconnect to another URL than the one it was given. Hence the
+    # `amqp` extra's `aio-pika<11`, and tests/contract/test_failover_connection.py, which fails
+    # first on a release that renames or reshapes this step.
     async def _RobustConnection__connect_transport(self) -> None:
         failure: BaseException | None = None
         for _ in self._nodes:

@@ -12,8 +12,8 @@ idle streams and at fan-out that is most of the gateway's memory and CPU per del
   of a cancel scope;
 - the wire format stays sse-starlette's (`ServerSentEvent.encode`); frames are rendered once per
   process and the same bytes are written to every stream;
-- body chunks go to the server's `send` directly (`ServerSendPassthrough`): the middleware only
-  needs the response start and the end, not a coroutine call per layer per event.
+- body chunks skip the added middleware (`ServerSendPassthrough`): it only needs the response
+  start and the end, not a coroutine call per layer per event.
 """
 
 from __future__ import annotations
@@ -89,12 +89,13 @@ class _ServerSend:
 
 
 class ServerSendPassthrough:
-    """Outermost middleware: gives SSE responses the server's own `send` for body chunks.
+    """Outermost added middleware: gives SSE responses the `send` it got for body chunks.
 
-    The middleware inside (errors, metrics, CORS, security headers, rate limits, tracing) sees
-    each stream's start and its end; only the event and heartbeat chunks in between skip it.
-    A stream whose start did not reach the server (a middleware holding it back) keeps the
-    middleware's `send` for everything.
+    The middleware inside (metrics, CORS, security headers, rate limits, the Host allowlist)
+    sees each stream's start and its end; only the event and heartbeat chunks in between skip
+    it. Starlette's error middleware (and the tracing one, when tracing is on) stays outside
+    every added middleware, so chunks still pass through its `send`. A stream whose start did
+    not get through (a middleware holding it back) keeps the middleware's `send` for everything.
     """
 
     def __init__(self, app: ASGIApp, prefix: str = "/sse/") -> None:
@@ -111,13 +112,13 @@ class ServerSendPassthrough:
 
 
 def pass_server_send(app: Any) -> None:
-    """Wrap the app's whole middleware stack (as `secure_app` does) in `ServerSendPassthrough`."""
-    build = app.build_middleware_stack
+    """Add `ServerSendPassthrough` outside every middleware added so far.
 
-    def build_with_passthrough() -> ASGIApp:
-        return ServerSendPassthrough(build())
-
-    app.build_middleware_stack = build_with_passthrough
+    Call it last: `add_middleware` puts the newest outermost, so the security headers (added
+    by `add_operations`) and the rest are inside it. (Starlette's own error middleware stays
+    outside: body chunks pass through its one `send` wrapper, not through the stack.)
+    """
+    app.add_middleware(ServerSendPassthrough)
 
 
 class EventStreamResponse(Response):

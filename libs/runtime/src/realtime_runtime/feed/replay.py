@@ -1,0 +1,93 @@
+"""What a resume owes a client: the retained events after its cursor, read a page at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from envelope.codec import RelayedEvent
+from envelope.codes import ResetReason
+from envelope.cursors import stream_id_key
+
+from realtime_runtime.feed.store import PAGE, READ_TIMEOUT_SECONDS, ActivityStore
+
+C = TypeVar("C", int, str)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay(Generic[C]):
+    """What a resume owes the client, read page by page as the client takes it."""
+
+    # The retained events after the cursor, up to `until`, one page per step: the next page
+    # is read only when the caller asks for it, after it wrote the last one.
+    pages: AsyncGenerator[list[RelayedEvent], None]
+    # Why the client gets a reset first, if it does: events after the cursor are no longer
+    # retained (`cursor_expired`), or the cursor is of a history the board no longer has
+    # (`history_lost`: it expired and started again under a new epoch). `pages` is then
+    # everything retained from the oldest on.
+    reason: ResetReason | None
+    oldest_cursor: str | None
+    # The newest event when the replay began: the replay ends there and live events up to
+    # it are duplicates (this is the seam between the two).
+    until: C
+    epoch: str = ""  # the board's current epoch ("" for the activity stream, or none known)
+
+    @property
+    def expired(self) -> bool:
+        return self.reason is not None
+
+
+async def board_pages(
+    store: ActivityStore,
+    board_id: str,
+    after: int,
+    until: int,
+    epoch: str | None = None,
+    page_size: int = PAGE,
+) -> AsyncGenerator[list[RelayedEvent], None]:
+    """The board's events in (after, until] of `epoch`, a page per step, each read when
+    asked for. It stops at an event of another epoch: the board started again meanwhile,
+    and the live subscription resets the client."""
+    while after < until:
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+            page = await store.board_after(board_id, after, page_size)
+        if not page:
+            return
+        after = page[-1].sequence
+        if after > until:  # newer than the replay: the live subscription has those
+            page = [event for event in page if event.sequence <= until]
+        if epoch and any(event.epoch and event.epoch != epoch for event in page):
+            page = [event for event in page if not event.epoch or event.epoch == epoch]
+            after = until  # the rest is of the new epoch: not part of this replay
+        if page:
+            yield page
+        del page  # not held while the next page is read
+
+
+async def activity_pages(
+    store: ActivityStore,
+    after: str,
+    until: str,
+    boards: frozenset[str] | None,
+    page_size: int = PAGE,
+) -> AsyncGenerator[list[RelayedEvent], None]:
+    """As `board_pages` for the activity stream, each page filtered to `boards`."""
+    end = stream_id_key(until)
+    while (boards is None or boards) and stream_id_key(after) < end:
+        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+            page = await store.activity_after(after, page_size)
+        if not page:
+            return
+        after = page[-1].stream_id
+        if boards is not None or stream_id_key(after) > end:
+            page = [
+                event
+                for event in page
+                if (boards is None or event.board_id in boards)
+                and stream_id_key(event.stream_id) <= end
+            ]
+        if page:
+            yield page
+        del page
