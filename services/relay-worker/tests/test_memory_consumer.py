@@ -115,3 +115,32 @@ async def test_the_memory_worker_relays_through_its_partitions_and_reports_them(
         await app.state.drain()
     assert ready["relay_running"] is True
     assert "advanced_worker_partitions_owned 2.0" in metrics
+
+
+async def test_a_drain_out_of_time_abandons_the_partition_and_hands_its_message_back() -> None:
+    class Hanging(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.called = asyncio.Event()
+
+        async def relay(
+            self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
+        ) -> RelayOutcome:
+            self.called.set()
+            await asyncio.sleep(3600)  # a relay step that never ends
+            raise AssertionError("unreachable")
+
+    store = Hanging()
+    transport = MemoryTransport(store=store)
+    quick = settings().model_copy(update={"drain_timeout_seconds": 0.3})
+    app = build_worker(quick, memory=transport)
+    async with app.router.lifespan_context(app):
+        await transport.broker.publish(body("board", "stuck"))
+        async with asyncio.timeout(5):
+            await store.called.wait()
+        async with asyncio.timeout(2):
+            await app.state.drain()
+    [returned] = [
+        transport.broker.queue.get_nowait() for _ in range(transport.broker.queue.qsize())
+    ]
+    assert orjson.loads(returned.body)["correlation_id"] == "stuck"

@@ -262,10 +262,19 @@ class PartitionedConsumer:
 
     async def _stop(self, partition: int, *, release: bool) -> None:
         state = self._owned.pop(partition)
-        async with state.busy:  # never cut a message between its Redis step and its ack
-            state.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        try:
+            async with state.busy:  # never cut a message between its Redis step and its ack
+                state.task.cancel()
+        finally:
+            state.task.cancel()  # also when this stop is cancelled itself (a drain out of time)
+        try:
             await state.task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this stop was cancelled, not (only) the partition's task
+        except Exception as exc:  # the partition's own failure: it is stopped either way
+            log.info("partition consumer had failed", partition=partition, error=repr(exc))
         if release:
             with contextlib.suppress(RedisError, OSError):
                 await self._leases.release(partition)
