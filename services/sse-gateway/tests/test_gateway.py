@@ -330,3 +330,23 @@ async def test_a_cursor_redis_would_refuse_gets_a_reset_and_the_stream_goes_on(
                         pass  # what was retained, then the live event: the stream goes on
                 assert reset.json()["reason"] == "cursor_expired", (route, cursor)
     assert not [record for record in caplog.records if record.exc_info], caplog.text
+
+
+async def test_the_drain_cuts_a_stream_still_writing_after_the_drain_timeout(
+    transport: MemoryTransport,
+) -> None:
+    options = {"sse_send_timeout_seconds": 60, "sse_send_queue": 100_000}
+    async with served(transport, drain_timeout_seconds=0.5, **options) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        sock = await stalled_sse(port, "stuck", TOKEN)
+        await until(lambda: _equals(gauge(url), 1))
+        try:
+            # Large events until the socket's buffers are full and a write blocks.
+            for _ in range(40):
+                await relay(transport, "stuck", 20, pad=20_000)
+                await asyncio.sleep(0.05)
+            async with asyncio.timeout(5):
+                await app.state.drain()  # the stream cannot end by itself: it is cut
+            await until(lambda: _equals(gauge(url), 0), 2)
+        finally:
+            sock.close()

@@ -134,3 +134,35 @@ async def test_the_probe_finds_the_sse_routes_on_the_suites_own_port(
     monkeypatch.setenv("ADVANCED_INGRESS_PORT", port)
     options, _ = await asyncio.to_thread(parse_options, [])
     assert options.sse_url == f"http://localhost:{port}"
+
+
+async def test_the_drain_drains_all_three_services() -> None:
+    """SIGTERM's drain: the ingress closes its sockets (1001), the gateway ends its streams,
+    the worker stops relaying and hands its partitions back."""
+    suite = create_suite()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(suite, port=port, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    base_url = f"127.0.0.1:{port}"
+    try:
+        async with (
+            sse(f"http://{base_url}/sse/boards/drain?token={TOKEN}") as stream,
+            board(f"ws://{base_url}/ws/boards/drain?token={TOKEN}") as client,
+        ):
+            await client.send()
+            await client.next("ack")
+            await stream.next()  # relayed by the worker: all three are running
+            await suite.drain()
+            async with asyncio.timeout(5):
+                await client.connection.wait_closed()
+                while not stream.response.is_stream_consumed:
+                    await asyncio.sleep(0.02)
+            async with httpx.AsyncClient(base_url=f"http://{base_url}") as http:
+                ready = (await http.get("/readyz")).json()
+    finally:
+        server.should_exit = True
+        await task
+    assert client.connection.close_code == 1001
+    assert ready["relay-worker"] == {"relay_running": False}

@@ -50,17 +50,53 @@ class MemoryMessage:
 
 
 class MemoryBroker:
-    """A single durable-in-spirit queue with a dead-letter list, as the worker sees RabbitMQ."""
+    """RabbitMQ as the worker sees it: a queue per partition, the retry queue and the DLQ.
+
+    `publish` routes to a partition as the exchange does by routing key (`Topology.partition_of`
+    names it); without one, to partition 0, so a caller that does not partition keeps one
+    ordered queue (`queue`). What the consumer holds unsettled is handed back to the front of
+    its partition, in order, as a closed channel hands it back to RabbitMQ.
+    """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[MemoryMessage] = asyncio.Queue()
+        self.partitions: dict[int, asyncio.Queue[MemoryMessage]] = {}
+        self.retrying: list[MemoryMessage] = []  # waiting out the retry delay
         self.dead_letters: list[MemoryMessage] = []
         self.available = True
 
-    async def publish(self, body: bytes, headers: dict[str, str | int] | None = None) -> None:
+    @property
+    def queue(self) -> asyncio.Queue[MemoryMessage]:
+        """Partition 0's queue: where everything published without a partition waits."""
+        return self.partition(0)
+
+    def partition(self, partition: int) -> asyncio.Queue[MemoryMessage]:
+        return self.partitions.setdefault(partition, asyncio.Queue())
+
+    async def publish(
+        self, body: bytes, headers: dict[str, str | int] | None = None, *, partition: int = 0
+    ) -> None:
         if not self.available:
             raise ConnectionError("the in-memory broker is marked unavailable")
-        await self.queue.put(MemoryMessage(body, dict(headers or {})))
+        await self.partition(partition).put(MemoryMessage(body, dict(headers or {})))
+
+    def retry_later(self, message: MemoryMessage, partition: int, delay: float) -> None:
+        """The retry queue: the message goes back to the end of its partition after `delay`."""
+        self.retrying.append(message)
+
+        def back_to_work() -> None:
+            self.retrying.remove(message)
+            self.partition(partition).put_nowait(message)
+
+        asyncio.get_running_loop().call_later(delay, back_to_work)
+
+    def give_back(self, partition: int, messages: list[MemoryMessage]) -> None:
+        """Unsettled messages return ahead of what waits behind them, in their order."""
+        if not messages:
+            return
+        queue = self.partition(partition)
+        behind = [queue.get_nowait() for _ in range(queue.qsize())]
+        for message in [*messages, *behind]:
+            queue.put_nowait(message)
 
 
 class MemoryStore:

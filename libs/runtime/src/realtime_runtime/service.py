@@ -6,7 +6,9 @@ Needs the `service` extra (FastAPI, prometheus-fastapi-instrumentator).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import math
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -150,6 +152,10 @@ async def _host_allowed(scope: Scope, receive: Receive, send: Send) -> None:
 
 Drain = Callable[[], Awaitable[None]]
 
+# After the drain, what uvicorn gives in-flight requests before it cancels them: the drain's
+# own wait plus this (8 s with the default drain timeout of 5 s).
+GRACE_AFTER_DRAIN_SECONDS = 3
+
 
 class DrainingServer(uvicorn.Server):
     """SIGTERM is an orchestrator's normal stop: drain (close sockets with 1001), then let
@@ -157,11 +163,21 @@ class DrainingServer(uvicorn.Server):
     Ctrl-C (SIGINT) does the same, so a terminal sees a clean stop, not a KeyboardInterrupt
     traceback; a second one is uvicorn's forced exit.
 
-    Once started, the objects of start-up are frozen out of the garbage collector's scans."""
+    The drain is given `drain_timeout` seconds (`ADVANCED_DRAIN_TIMEOUT_SECONDS`), then
+    cancelled. Once started, the objects of start-up are frozen out of the garbage collector's
+    scans."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain | None, ready: str = "") -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Drain | None,
+        ready: str = "",
+        *,
+        drain_timeout: float = 5,
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._drain_timeout = drain_timeout
         self._ready = ready
         self._draining: asyncio.Task[None] | None = None
 
@@ -182,10 +198,25 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self) -> None:
         try:
-            if self._drain is not None:
-                await asyncio.wait_for(self._drain(), timeout=5)
+            await self._drained()
         finally:
             self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # An exit that came without a signal (`should_exit` set by the code that runs the
+        # server) drains too, before uvicorn waits for the open connections.
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drained())
+        with contextlib.suppress(Exception):
+            await self._draining
+        await super().shutdown(sockets)
+
+    async def _drained(self) -> None:
+        if self._drain is not None:
+            try:
+                await asyncio.wait_for(self._drain(), timeout=self._drain_timeout)
+            except TimeoutError:
+                log.warning("the drain timed out", seconds=self._drain_timeout)
 
 
 def local_url(settings: ServiceSettings, port: int) -> str:
@@ -220,11 +251,14 @@ def serve(
         log_config=None,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         proxy_headers=True,
-        timeout_graceful_shutdown=8,
+        timeout_graceful_shutdown=math.ceil(
+            settings.drain_timeout_seconds + GRACE_AFTER_DRAIN_SECONDS
+        ),
         server_header=False,
         **options,
     )
-    DrainingServer(config, drain, ready.format(url=local_url(settings, port))).run()
+    ready = ready.format(url=local_url(settings, port))
+    DrainingServer(config, drain, ready, drain_timeout=settings.drain_timeout_seconds).run()
 
 
 async def keep_trying(

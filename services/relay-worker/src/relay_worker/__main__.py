@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging("relay-worker", settings.log_level, settings.log_format)
     configure_tracing(settings, "relay-worker")
+    app = build_worker(settings)
     serve(
-        build_worker(settings),
+        app,
         settings,
         settings.worker_port,
+        drain=app.state.drain,
         ready="ready: relay-worker on {url} (/healthz, /readyz, /metrics)",
     )
 

@@ -4,181 +4,129 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TypedDict
 
-import redis.asyncio as redis
 import structlog
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from realtime_runtime.amqp import FailoverConnection, QueueTypeMismatch, connect_nodes
+from realtime_runtime.amqp import QueueTypeMismatch
 from realtime_runtime.memory import MemoryTransport
 from realtime_runtime.service import add_operations, keep_trying
 
-from relay_worker.adapters.memory import consume_memory
-from relay_worker.adapters.rabbitmq import declare_topology
-from relay_worker.adapters.redis import PartitionLeases, RedisRelayStore
 from relay_worker.consumer import PartitionedConsumer
+from relay_worker.ports import PartitionBroker
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WorkerSettings
+from relay_worker.transport import WorkerTransport, open_transport
 
 log = structlog.get_logger("relay_worker")
 
 
 @dataclass
 class WorkerRuntime:
-    """What the lifespan opens and readiness reads; empty until each part is up."""
+    """What runs while the lifespan does: the transport, the relay task and its consumer."""
 
-    connection: FailoverConnection | None = None
-    consumer: PartitionedConsumer | None = None
-    redis_up: Callable[[], Awaitable[bool]] | None = None
+    transport: WorkerTransport
+    relaying: asyncio.Task[None] | None = None
+    consumer: PartitionedConsumer | None = None  # once the broker answered
+    drained: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class WorkerState(TypedDict):
+    worker: WorkerRuntime
+
+
+class Worker:
+    """The relay process: consumes while its lifespan runs, and drains in numbered steps."""
+
+    def __init__(
+        self, settings: WorkerSettings, registry: CollectorRegistry, memory: MemoryTransport | None
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = RelayMetrics(registry)
+        self.memory = memory
+        self.runtime: WorkerRuntime | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[WorkerState]:
+        async with open_transport(self.settings, self.memory) as transport:  # closes clients
+            runtime = self.runtime = WorkerRuntime(transport)
+            runtime.relaying = asyncio.create_task(self._relay(runtime))
+            try:
+                yield {"worker": runtime}
+            finally:
+                await self.drain()
+
+    async def _relay(self, runtime: WorkerRuntime) -> None:
+        settings, transport = self.settings, runtime.transport
+        # RabbitMQ may be down when the worker starts: keep trying, /readyz says 503
+        # meanwhile, and /healthz answers from the start.
+        # A queue of the other type stops the worker (QueueTypeMismatch says how to
+        # migrate): consuming it under other arguments would be a silent mismatch.
+        broker: PartitionBroker | None = None
+
+        async def connect() -> None:
+            nonlocal broker
+            broker = await transport.connect()
+
+        await keep_trying(connect, "RabbitMQ", log, fatal=(QueueTypeMismatch,))
+        assert broker is not None
+        consumer = runtime.consumer = PartitionedConsumer(
+            broker,
+            Relay(transport.store, settings, self.metrics),
+            transport.leases,
+            prefetch=settings.rabbitmq_prefetch,
+            lease_ms=settings.partition_lease_ms,
+            registry=self.registry,
+            store_writable=transport.store_writable,
+            pause=transport.pause,
+        )
+        log.info("relay worker started", partitions=settings.rabbitmq_partitions)
+        await asyncio.gather(consumer.run(), consumer.measure())
+
+    async def readiness(self) -> dict[str, bool | str]:
+        runtime = self.runtime
+        if runtime is None:
+            return {"relay_running": False}
+        running = runtime.relaying is not None and not runtime.relaying.done()
+        return await runtime.transport.readiness(runtime.consumer, running)
+
+    async def drain(self) -> None:
+        """Once, however often asked (SIGTERM in the dev suite, then the lifespan's end)."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        if runtime.drained is None:
+            runtime.drained = asyncio.create_task(self._drain(runtime))
+        await asyncio.shield(runtime.drained)
+
+    async def _drain(self, runtime: WorkerRuntime) -> None:
+        # 1. Stop accepting: no more lease renewals, so no partition is taken up again.
+        if runtime.relaying is not None:
+            runtime.relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runtime.relaying
+        consumer = runtime.consumer
+        if consumer is None:
+            return
+        try:
+            # 2. Tell the partitions to stop: each finishes the message in hand, hands the
+            # rest back and releases its lease; 3. wait for that, up to the drain timeout.
+            await asyncio.wait_for(consumer.drain(), self.settings.drain_timeout_seconds)
+        except TimeoutError:
+            # 4. Cancel what is left: RabbitMQ redelivers what those partitions held.
+            log.warning("drain timed out; abandoning the partitions left", left=consumer.owned)
+            consumer.abandon()
+        # 5. Close the clients: the transport's context, when the lifespan leaves it.
 
 
 def build_worker(settings: WorkerSettings, *, memory: MemoryTransport | None = None) -> FastAPI:
     registry = CollectorRegistry()
-    metrics = RelayMetrics(registry)
-    runtime = WorkerRuntime()
-    memory_relay: list[asyncio.Task[None]] = []  # the relay loop of the in-memory transport
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            if settings.event_transport == "memory":
-                transport = memory or MemoryTransport()
-                relay = Relay(transport.store, settings, metrics)
-                task = asyncio.create_task(
-                    consume_memory(transport.broker, relay, settings.rabbitmq_retry_delay_ms / 1000)
-                )
-                memory_relay.append(task)
-                yield
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return
-
-            # Timeouts bound every Redis call, so a dropped connection becomes an error (and
-            # a retry of the message) instead of a relay step that hangs with the message.
-            client = redis.from_url(
-                settings.redis_url.get_secret_value(),
-                health_check_interval=5,
-                socket_timeout=5,
-                socket_connect_timeout=5,
-            )
-            stack.push_async_callback(client.aclose)
-            worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-            keys = settings.redis_keys
-            relay = Relay(
-                RedisRelayStore(
-                    client,
-                    keys,
-                    settings.replay_retention,
-                    settings.board_idle_ttl_seconds,
-                    settings.replay_retention_seconds,
-                ),
-                settings,
-                metrics,
-            )
-            leases = PartitionLeases(
-                client, keys, worker_id, settings.rabbitmq_partitions, settings.partition_lease_ms
-            )
-
-            async def redis_up() -> bool:
-                try:
-                    return bool(await client.ping())
-                except (redis.RedisError, OSError):
-                    return False
-
-            runtime.redis_up = redis_up
-            probe_key = f"{keys.prefix}worker-probe:{worker_id}"
-
-            async def redis_writable() -> bool:
-                # A small real write under the prefix, gone by itself: Redis can answer PING
-                # while it refuses writes (OOM under noeviction, a READONLY replica, MISCONF).
-                try:
-                    return bool(await client.set(probe_key, b"1", px=10_000))
-                except (redis.RedisError, OSError):
-                    return False
-
-            async def connect() -> None:
-                # A name per process, so an operator (or a fault test) can tell workers apart.
-                connection = await connect_nodes(
-                    settings.rabbitmq_urls, f"relay-worker {worker_id}"
-                )
-                try:
-                    async with connection.channel() as channel:
-                        await declare_topology(
-                            channel, settings.topology, settings.rabbitmq_retry_delay_ms
-                        )
-                except BaseException:
-                    await connection.close()
-                    raise
-                runtime.connection = connection
-
-            async def consume() -> None:
-                # RabbitMQ may be down when the worker starts: keep trying, /readyz says 503
-                # meanwhile, and /healthz answers from the start.
-                # A queue of the other type stops the worker (QueueTypeMismatch says how to
-                # migrate): consuming it under other arguments would be a silent mismatch.
-                await keep_trying(connect, "RabbitMQ", log, fatal=(QueueTypeMismatch,))
-                assert runtime.connection is not None
-                consumer = PartitionedConsumer(
-                    runtime.connection,
-                    relay,
-                    leases,
-                    settings.topology,
-                    prefetch=settings.rabbitmq_prefetch,
-                    lease_ms=settings.partition_lease_ms,
-                    registry=registry,
-                    store_writable=redis_writable,
-                    confirm_timeout=settings.rabbitmq_confirm_timeout_seconds,
-                )
-                runtime.consumer = consumer
-                log.info(
-                    "relay worker started",
-                    worker_id=worker_id,
-                    partitions=settings.rabbitmq_partitions,
-                )
-                await asyncio.gather(consumer.run(), consumer.measure())
-
-            task = asyncio.create_task(consume())
-            try:
-                yield
-            finally:
-                # Drain: stop taking partitions, finish the message in hand, hand back the rest.
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                if runtime.consumer is not None:
-                    await runtime.consumer.drain()
-                if runtime.connection is not None:
-                    await runtime.connection.close()
-
-    app = FastAPI(title="relay-worker", lifespan=lifespan, docs_url=None, redoc_url=None)
-
-    async def readiness() -> dict[str, bool | str]:
-        if settings.event_transport == "memory":
-            # No brokers to speak of: the relay loop over the in-memory queue is the pipeline.
-            return {"relay_running": any(not task.done() for task in memory_relay)}
-        connection = runtime.connection
-        # A robust connection is not "closed" while it reconnects; `connected` says whether
-        # it is up right now.
-        rabbit = bool(
-            connection is not None and not connection.is_closed and connection.connected.is_set()
-        )
-        redis_ok = runtime.redis_up is not None and await runtime.redis_up()
-        # False while an infrastructure fault holds the relay (Redis answering PING is not
-        # Redis taking writes).
-        flowing = runtime.consumer is None or runtime.consumer.flowing
-        flags: dict[str, bool | str] = {
-            "rabbitmq_connected": rabbit,
-            "redis_connected": redis_ok,
-            "relay_flowing": flowing,
-        }
-        if connection is not None and (node := connection.node) is not None:
-            flags["rabbitmq_node"] = node
-        return flags
-
-    add_operations(app, settings, registry, readiness)
+    worker = Worker(settings, registry, memory)
+    app = FastAPI(title="relay-worker", lifespan=worker.lifespan, docs_url=None, redoc_url=None)
+    app.state.drain = worker.drain
+    add_operations(app, settings, registry, worker.readiness)
     return app

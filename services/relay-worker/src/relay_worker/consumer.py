@@ -9,30 +9,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from envelope.topology import Topology
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
-from relay_worker.adapters.rabbitmq import (
-    AmqpDelivery,
-    PartitionAcks,
-    PartitionInbox,
-    partition_messages,
-)
-from relay_worker.adapters.redis import PartitionLeases
+from relay_worker.ports import Leases, PartitionBroker, PartitionDelivery, PartitionSource
 from relay_worker.relay import Relay
 
 log = structlog.get_logger("relay_worker")
 
 # Back-off of a paused partition between attempts (seconds).
-_PAUSE_FIRST = 0.1
-_PAUSE_LONGEST = 2.0
-
-
-def _channel_lost(delivery: AmqpDelivery) -> bool:
-    channel = delivery.delivered_on
-    return channel is None or channel.is_closed
+PAUSE = (0.1, 2.0)  # first, longest
 
 
 @dataclass
@@ -50,26 +36,26 @@ class PartitionedConsumer:
     on the others. A partition task that dies (its channel closed under it, say) is restarted
     while the lease is held; a worker that cannot renew its leases for a whole lease period
     stops consuming, since another worker may own those partitions by now.
+
+    `pause` is the back-off of a paused partition (first, longest), in seconds.
     """
 
     def __init__(
         self,
-        connection: AbstractRobustConnection,
+        broker: PartitionBroker,
         relay: Relay,
-        leases: PartitionLeases,
-        topology: Topology,
+        leases: Leases,
         *,
         prefetch: int,
         lease_ms: int,
         registry: CollectorRegistry,
         store_writable: Callable[[], Awaitable[bool]] | None = None,
-        confirm_timeout: float = 15.0,
+        pause: tuple[float, float] = PAUSE,
     ) -> None:
-        self._confirm_timeout = confirm_timeout
-        self._connection = connection
+        self._broker = broker
         self._relay = relay
         self._leases = leases
-        self._topology = topology
+        self._pause_first, self._pause_longest = pause
         self._prefetch = prefetch
         self._lease_seconds = lease_ms / 1000
         self._interval = lease_ms / 3000
@@ -77,7 +63,6 @@ class PartitionedConsumer:
         self._paused: set[int] = set()
         self._leases_failing = False
         self._owned: dict[int, _Partition] = {}
-        self._depth_channel: AbstractChannel | None = None
         self._depth = Gauge(
             "advanced_worker_queue_depth",
             "Messages waiting in each RabbitMQ queue of the topology (partitions, retry, DLQ).",
@@ -170,6 +155,12 @@ class PartitionedConsumer:
         with contextlib.suppress(RedisError, OSError):
             await self._leases.leave(set())
 
+    def abandon(self) -> None:
+        """Cancel every partition still consuming (a drain out of time): their channels
+        close, and the broker redelivers what they held."""
+        for partition in list(self._owned):
+            self._owned.pop(partition).task.cancel()
+
     def _start(self, partition: int, restarts: int = 0) -> None:
         busy = asyncio.Lock()
         task = asyncio.create_task(self._consume(partition, busy))
@@ -190,38 +181,19 @@ class PartitionedConsumer:
             self._start(partition, state.restarts + 1)
 
     async def _consume(self, partition: int, busy: asyncio.Lock) -> None:
-        name = self._topology.partition_queue(partition)
-        async with partition_messages(self._connection, name, self._prefetch) as (channel, queue):
-            inbox = PartitionInbox(channel)
-            acks = PartitionAcks()
-            try:
-                # A consumer of the queue object itself, so that the robust channel restores
-                # it after a reconnect. Closing the channel (on the way out) hands every
-                # unacked message back to RabbitMQ, in order.
-                await queue.consume(inbox.deliver)
-                # What RabbitMQ has already pushed (up to the prefetch) is relayed as one
-                # batch: one Redis pipeline instead of a round trip per message.
-                while (batch := await inbox.next_batch(self._prefetch)) is not None:
-                    deliveries = [
-                        AmqpDelivery(
-                            message,
-                            channel,
-                            self._topology,
-                            name,
-                            confirm_timeout=self._confirm_timeout,
-                        )
-                        for message in batch
-                    ]
-                    await self._relay_batch(partition, deliveries, busy, acks)
-            finally:
-                inbox.close()
+        # What the broker has already pushed (up to the prefetch) is relayed as one batch:
+        # one Redis pipeline instead of a round trip per message. Leaving the source (on the
+        # way out) hands every unsettled message back to the queue, in order.
+        async with self._broker.partition(partition, self._prefetch) as source:
+            while (batch := await source.next_batch(self._prefetch)) is not None:
+                await self._relay_batch(partition, list(batch), busy, source)
 
     async def _relay_batch(
         self,
         partition: int,
-        deliveries: list[AmqpDelivery],
+        deliveries: list[PartitionDelivery],
         busy: asyncio.Lock,
-        acks: PartitionAcks,
+        source: PartitionSource,
     ) -> None:
         """Relay a batch; on an infrastructure fault, pause with the rest held, then go on.
 
@@ -232,19 +204,19 @@ class PartitionedConsumer:
         hands the held messages back to RabbitMQ, in order, settled by nobody.
         """
         pending = deliveries
-        delay = _PAUSE_FIRST
+        delay = self._pause_first
         try:
             while True:
-                if any(_channel_lost(delivery) for delivery in pending):
+                if any(delivery.channel_lost for delivery in pending):
                     # Their channel is gone: RabbitMQ redelivers them, in order, on the next,
                     # with every earlier message handed back with it. Relaying them now
                     # would put them ahead of those.
-                    acks.left_unsettled(pending)
+                    source.left_unsettled(pending)
                     self._unsettled_batch(partition, len(pending))
                     return
                 async with busy:
                     outcomes = await self._relay.handle_batch(
-                        pending, acknowledge=acks.ack_in_order
+                        pending, acknowledge=source.ack_in_order
                     )
                 if "held" not in outcomes:
                     return
@@ -252,7 +224,7 @@ class PartitionedConsumer:
                 self._pause(partition, len(pending))
                 await asyncio.sleep(delay)
                 await self._wait_until_writable()
-                delay = min(delay * 2, _PAUSE_LONGEST)
+                delay = min(delay * 2, self._pause_longest)
         finally:
             self._resume(partition)
 
@@ -283,38 +255,31 @@ class PartitionedConsumer:
         """Return once a real write to Redis succeeds (a PING says nothing about writes)."""
         if self._store_writable is None:
             return
-        delay = _PAUSE_FIRST
+        delay = self._pause_first
         while not await self._store_writable():
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _PAUSE_LONGEST)
+            delay = min(delay * 2, self._pause_longest)
 
     async def _stop(self, partition: int, *, release: bool) -> None:
         state = self._owned.pop(partition)
-        async with state.busy:  # never cut a message between its Redis step and its ack
-            state.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        try:
+            async with state.busy:  # never cut a message between its Redis step and its ack
+                state.task.cancel()
+        finally:
+            state.task.cancel()  # also when this stop is cancelled itself (a drain out of time)
+        try:
             await state.task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this stop was cancelled, not (only) the partition's task
+        except Exception as exc:  # the partition's own failure: it is stopped either way
+            log.info("partition consumer had failed", partition=partition, error=repr(exc))
         if release:
             with contextlib.suppress(RedisError, OSError):
                 await self._leases.release(partition)
         log.info("released partition", partition=partition)
 
     async def _measure_depth(self) -> None:
-        if self._depth_channel is None or self._depth_channel.is_closed:
-            self._depth_channel = await self._connection.channel()
-        channel = self._depth_channel
-        names = [self._topology.partition_queue(p) for p in range(self._topology.partitions)]
-        names += [self._topology.retry_queue, self._topology.dlq_queue]
-        try:
-            # On the AMQP channel itself: aio-pika's robust channel answers a repeated passive
-            # declaration from its cache, with the count of the first.
-            underlay = await channel.get_underlay_channel()
-            for name in names:
-                declared = await underlay.queue_declare(name, passive=True)
-                self._depth.labels(name).set(declared.message_count or 0)
-        except BaseException:
-            # A queue that is gone closes the channel (404); start afresh next time.
-            self._depth_channel = None
-            with contextlib.suppress(Exception):
-                await channel.close()
-            raise
+        for name, depth in (await self._broker.queue_depths()).items():
+            self._depth.labels(name).set(depth)

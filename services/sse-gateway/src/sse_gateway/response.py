@@ -125,8 +125,8 @@ class EventStreamResponse(Response):
     """An endless `text/event-stream` of one feed, until the client leaves or the stream ends.
 
     It ends by itself on a slow consumer (a `close` event), an expired credential (a `close`
-    event), `end("shutdown")` (the drain) and a write blocked for `send_timeout` seconds (the
-    connection is closed).
+    event), `end("shutdown")` (the drain) and a write blocked for `send_timeout` seconds or
+    `cut()` (the connection is closed).
     """
 
     media_type = "text/event-stream"
@@ -154,6 +154,7 @@ class EventStreamResponse(Response):
         self._ending: Ending | None = None
         self._heartbeat_due = False
         self._stalled = False
+        self._cut = False
         self._last_beat = 0.0
         self._writing_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -166,6 +167,13 @@ class EventStreamResponse(Response):
             self._ending = reason
         if self._subscription is not None:
             self._subscription.wake()
+
+    def cut(self) -> None:
+        """Stop now, even in the middle of a write: the connection closes with the body
+        unfinished (a drain out of time)."""
+        self._cut = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
@@ -202,9 +210,10 @@ class EventStreamResponse(Response):
                 self._watcher.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if self._stalled and task.uncancel() == 0:
-                # Cut by our own timer: return without completing the response, so the
-                # server closes the connection (after what is buffered, if the client reads).
+            if (self._stalled or self._cut) and task.uncancel() == 0:
+                # Cut by our own timer or the drain: return without completing the response,
+                # so the server closes the connection (after what is buffered, if the client
+                # reads).
                 return
             raise
         finally:

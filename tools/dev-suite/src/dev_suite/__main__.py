@@ -7,9 +7,10 @@ three services: what each would report on its own port, side by side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, cast
 
 import structlog
 from fastapi import FastAPI
@@ -57,7 +58,7 @@ class ServiceMetrics(Collector):
 
 class DevSuite:
     """Routes `/sse/` to the gateway and the rest to the ingress; runs all three lifespans;
-    answers `/readyz` and `/metrics` for all three."""
+    answers `/readyz` and `/metrics` for all three; drains all three."""
 
     def __init__(
         self, ingress: FastAPI, gateway: FastAPI, worker: FastAPI, settings: TelemetrySettings
@@ -85,17 +86,29 @@ class DevSuite:
             return PlainTextResponse("telemetry disabled", status_code=503)
         return Response(generate_latest(self.metrics), media_type=CONTENT_TYPE_LATEST)
 
+    async def drain(self) -> None:
+        """Each service's own drain, side by side: the ingress closes its sockets, the gateway
+        its streams, the worker hands back its partitions."""
+        await asyncio.gather(*(app.state.drain() for app in self.services.values()))
+
     @contextlib.asynccontextmanager
-    async def lifespan(self) -> AsyncIterator[None]:
+    async def lifespan(self, state: dict[str, Any]) -> AsyncIterator[None]:
+        """Every service's lifespan; what each yields goes into the requests' state, as
+        Starlette's router does for one app."""
         async with contextlib.AsyncExitStack() as stack:
             for app in (self.worker, self.gateway, self.ingress):
-                await stack.enter_async_context(app.router.lifespan_context(app))
+                lifespan = cast(
+                    contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None],
+                    app.router.lifespan_context(app),  # a union of two context types
+                )
+                yielded = await stack.enter_async_context(lifespan)
+                state.update(yielded or {})
             yield
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await receive()  # lifespan.startup
-            async with self.lifespan():
+            async with self.lifespan(scope.setdefault("state", {})):
                 await send({"type": "lifespan.startup.complete"})
                 await receive()  # lifespan.shutdown
             await send({"type": "lifespan.shutdown.complete"})
@@ -138,7 +151,7 @@ def main() -> None:
         suite,
         settings,
         settings.ingress_port,
-        drain=suite.ingress.state.drain,
+        drain=suite.drain,
         ready="ready: open {url} (the playground; /ws/boards/{{board_id}}, /sse/..., /readyz, "
         "/metrics all on this port)",
     )

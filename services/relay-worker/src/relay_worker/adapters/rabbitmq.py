@@ -8,7 +8,7 @@ import contextlib
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq.abc
@@ -22,6 +22,8 @@ from aio_pika.abc import (
 from aiormq.exceptions import ChannelInvalidStateError
 from envelope.topology import Topology
 from realtime_runtime.amqp import declare_queue
+
+from relay_worker.ports import PartitionDelivery
 
 log = structlog.get_logger("relay_worker")
 
@@ -91,6 +93,10 @@ class AmqpDelivery:
             self.delivered_on: aiormq.abc.AbstractChannel | None = message.channel
         except ChannelInvalidStateError:
             self.delivered_on = None  # closed already: settling it fails, RabbitMQ redelivers
+
+    @property
+    def channel_lost(self) -> bool:
+        return self.delivered_on is None or self.delivered_on.is_closed
 
     async def ack(self, *, multiple: bool = False) -> None:
         """`multiple=True` also acks every earlier unsettled delivery of the channel."""
@@ -237,6 +243,92 @@ async def partition_messages(
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
+
+
+class AmqpPartitionSource:
+    """A partition's consumer on its own channel: the inbox it reads, the acks it sends."""
+
+    def __init__(
+        self, channel: AbstractChannel, topology: Topology, queue: str, confirm_timeout: float
+    ) -> None:
+        self.inbox = PartitionInbox(channel)
+        self.acks = PartitionAcks()
+        self._channel = channel
+        self._topology = topology
+        self._queue = queue
+        self._confirm_timeout = confirm_timeout
+
+    async def next_batch(self, limit: int) -> list[AmqpDelivery] | None:
+        batch = await self.inbox.next_batch(limit)
+        if batch is None:
+            return None
+        return [
+            AmqpDelivery(
+                message,
+                self._channel,
+                self._topology,
+                self._queue,
+                confirm_timeout=self._confirm_timeout,
+            )
+            for message in batch
+        ]
+
+    async def ack_in_order(self, deliveries: Sequence[PartitionDelivery]) -> None:
+        await self.acks.ack_in_order(cast(Sequence[AmqpDelivery], deliveries))
+
+    def left_unsettled(self, deliveries: Sequence[PartitionDelivery]) -> None:
+        self.acks.left_unsettled(cast(Sequence[AmqpDelivery], deliveries))
+
+
+class AmqpPartitions:
+    """The partition queues of the topology on one robust connection (`PartitionBroker`)."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, topology: Topology, confirm_timeout: float
+    ) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._confirm_timeout = confirm_timeout
+        self._depth_channel: AbstractChannel | None = None
+
+    @contextlib.asynccontextmanager
+    async def partition(self, partition: int, prefetch: int) -> AsyncIterator[AmqpPartitionSource]:
+        name = self._topology.partition_queue(partition)
+        async with partition_messages(self._connection, name, prefetch) as (channel, queue):
+            source = AmqpPartitionSource(channel, self._topology, name, self._confirm_timeout)
+            try:
+                # A consumer of the queue object itself, so that the robust channel restores
+                # it after a reconnect. Closing the channel (on the way out) hands every
+                # unacked message back to RabbitMQ, in order.
+                await queue.consume(source.inbox.deliver)
+                yield source
+            finally:
+                source.inbox.close()
+
+    async def queue_depths(self) -> dict[str, int]:
+        """On one channel kept open: each reading costs RabbitMQ a passive declaration per
+        queue, a cost paid whatever the traffic."""
+        if self._depth_channel is None or self._depth_channel.is_closed:
+            self._depth_channel = await self._connection.channel()
+        channel = self._depth_channel
+        topology = self._topology
+        names = [topology.partition_queue(p) for p in range(topology.partitions)]
+        names += [topology.retry_queue, topology.dlq_queue]
+        depths: dict[str, int] = {}
+        try:
+            # On the AMQP channel itself: aio-pika's robust channel answers a repeated passive
+            # declaration from its cache, with the count of the first.
+            underlay = await channel.get_underlay_channel()
+            for name in names:
+                declared = await underlay.queue_declare(name, passive=True)
+                depths[name] = declared.message_count or 0
+        except BaseException:
+            # A queue that is gone closes the channel (404); start afresh next time.
+            self._depth_channel = None
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        return depths
 
 
 async def dlq_messages(
