@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import re
 import time
 import uuid
@@ -26,24 +25,14 @@ from envelope.cursors import BoardCursor, parse_board_cursor
 from envelope.models import CLIENT_ID_PATTERN, AckFrame, BoardMessage, ErrorFrame, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from limits import RateLimitItem
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
 from opentelemetry import context as otel_context
-from realtime_runtime.auth import (
-    Authenticator,
-    Credential,
-    Principal,
-    Unauthorized,
-    credential_source,
-)
+from realtime_runtime.auth import Credential, Principal, Unauthorized, credential_source
 from redis.exceptions import RedisError
 
 from ingress_ws.admission import credential_key
 from ingress_ws.publishing import publish_board_event
-from ingress_ws.sessions import IngressRuntime
 from ingress_ws.settings import IngressSettings
+from ingress_ws.state import runtime_of
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
 
@@ -102,46 +91,9 @@ def error_response(frame: ErrorFrame, status: int, headers: dict[str, str]) -> J
     return JSONResponse(frame.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-class PublishRate:
-    """Events published over HTTP per credential key, across replicas (a `limits` moving
-    window in Redis with the RabbitMQ transport). If Redis stops answering, the count falls
-    back to this process's memory rather than letting everything through or refusing all."""
-
-    def __init__(self, storage: Storage, limit: RateLimitItem) -> None:
-        self._shared = MovingWindowRateLimiter(storage)
-        self._fallback = MovingWindowRateLimiter(MemoryStorage())
-        self._limit = limit
-        self._storage_failing = False
-
-    async def take(self, key: str, wanted: int) -> tuple[int, int]:
-        """How many of `wanted` events may go now, and the seconds until more may."""
-        try:
-            taken = await self._take(self._shared, key, wanted)
-        except StorageError as exc:
-            if not self._storage_failing:  # once per outage, not once per request
-                log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
-            self._storage_failing = True
-            return await self._take(self._fallback, key, wanted)
-        self._storage_failing = False
-        return taken
-
-    async def _take(
-        self, limiter: MovingWindowRateLimiter, key: str, wanted: int
-    ) -> tuple[int, int]:
-        stats = await limiter.get_window_stats(self._limit, "http-publish", key)
-        granted = min(wanted, max(stats.remaining, 0))
-        if granted and not await limiter.hit(self._limit, "http-publish", key, cost=granted):
-            granted = 0  # another request took the rest meanwhile
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        return granted, retry_after
-
-
 def add_http_api(
     app: FastAPI,
     settings: IngressSettings,
-    authenticator: Authenticator,
-    runtime_of: Callable[[], IngressRuntime],
-    rate: PublishRate,
     *,
     exempt: Callable[[Any], Any],
 ) -> None:
@@ -163,7 +115,9 @@ def add_http_api(
             request.query_params, request.headers, request.cookies if cookie else {}
         )
         try:
-            principal = authenticator.authenticate(found.value if found else None)
+            principal = runtime_of(request).authenticator.authenticate(
+                found.value if found else None
+            )
         except Unauthorized as exc:
             raise Refused("unauthorized", str(exc)) from None
         if not principal.may_access(board_id):
@@ -209,6 +163,7 @@ def add_http_api(
         return key
 
     async def publish(
+        request: Request,
         board_id: str,
         message: BoardMessage,
         correlation_id: str,
@@ -216,7 +171,7 @@ def add_http_api(
         sender: str,
         started: float,
     ) -> AckFrame | ErrorFrame:
-        runtime = runtime_of()
+        runtime = runtime_of(request)
         try:
             return await publish_board_event(
                 runtime,
@@ -253,7 +208,7 @@ def add_http_api(
             except InvalidFrame as exc:
                 return refusal(exc.code, exc.message, header_key or exc.correlation_id)
             correlation_id = header_key or message.id or uuid.uuid4().hex
-            granted, retry_after = await rate.take(key, 1)
+            granted, retry_after = await runtime_of(request).publish_rate.take(key, 1)
             if not granted:
                 return refusal(
                     "rate_limited",
@@ -264,7 +219,7 @@ def add_http_api(
         except Refused as exc:
             return refused(exc)
         reply = await publish(
-            board_id, message, correlation_id, principal, uuid.uuid4().hex, started
+            request, board_id, message, correlation_id, principal, uuid.uuid4().hex, started
         )
         if isinstance(reply, ErrorFrame):
             return error_response(reply, STATUS[reply.code], {})
@@ -298,6 +253,7 @@ def add_http_api(
                 continue
             derived = f"{batch_key}:{index}" if batch_key else None
             accepted.append((index, message, message.id or derived or uuid.uuid4().hex))
+        rate = runtime_of(request).publish_rate
         granted, retry_after = await rate.take(key, len(accepted)) if accepted else (0, 0)
         for index, _message, correlation_id in accepted[granted:]:
             results[index] = refused_item(
@@ -309,7 +265,7 @@ def add_http_api(
         sender = uuid.uuid4().hex
         replies = await asyncio.gather(
             *(
-                publish(board_id, message, correlation_id, principal, sender, started)
+                publish(request, board_id, message, correlation_id, principal, sender, started)
                 for _index, message, correlation_id in accepted[:granted]
             )
         )
@@ -355,15 +311,15 @@ def add_http_api(
         except Refused as exc:
             return refused(exc)
         try:
-            return await history_page(board_id, cursor, limit, explicit=after is not None)
+            return await history_page(request, board_id, cursor, limit, explicit=after is not None)
         except (RedisError, OSError) as exc:
             log.warning("reading a board's history failed", board_id=board_id, error=str(exc))
             return refusal("unavailable", "The history cannot be read now; retry shortly.")
 
     async def history_page(
-        board_id: str, cursor: BoardCursor, limit: int, *, explicit: bool
+        request: Request, board_id: str, cursor: BoardCursor, limit: int, *, explicit: bool
     ) -> Response:
-        replay = await runtime_of().hub.replay_board(board_id, cursor)
+        replay = await runtime_of(request).hub.replay_board(board_id, cursor)
         events: list[bytes] = []
         last = 0
         more = False

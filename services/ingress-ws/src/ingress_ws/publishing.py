@@ -30,7 +30,7 @@ from realtime_runtime.observability import inject_trace_context
 from ingress_ws.publisher import PublishUnavailable
 
 if TYPE_CHECKING:
-    from ingress_ws.sessions import IngressRuntime
+    from ingress_ws.state import IngressRuntime
 
 Transport = Literal["websocket", "http"]
 TRANSPORTS: tuple[Transport, ...] = ("websocket", "http")
