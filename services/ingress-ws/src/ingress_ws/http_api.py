@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import re
 import time
 import uuid
@@ -22,38 +21,29 @@ import structlog
 from envelope import codec
 from envelope.api import MAX_BATCH, BatchAccepted, BatchRefused, HistoryReset, PublishAccepted
 from envelope.codec import InvalidFrame
+from envelope.codes import ErrorCode
 from envelope.cursors import BoardCursor, parse_board_cursor
 from envelope.models import CLIENT_ID_PATTERN, AckFrame, BoardMessage, ErrorFrame, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from limits import RateLimitItem
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
 from opentelemetry import context as otel_context
-from realtime_runtime.auth import (
-    Authenticator,
-    Credential,
-    Principal,
-    Unauthorized,
-    credential_source,
-)
+from realtime_runtime.auth import Credential, Principal, Unauthorized, credential_source
 from redis.exceptions import RedisError
 
 from ingress_ws.admission import credential_key
 from ingress_ws.publishing import publish_board_event
-from ingress_ws.sessions import IngressRuntime
 from ingress_ws.settings import IngressSettings
+from ingress_ws.state import runtime_of
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
 
-STATUS = {
-    "invalid_message": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "payload_too_large": 413,
-    "rate_limited": 429,
-    "unavailable": 503,
+STATUS: dict[str, int] = {
+    ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503,
 }
 # What a client waits before trying again when RabbitMQ (or Redis) is away: about the time
 # the publisher's robust connection takes to come back.
@@ -102,46 +92,9 @@ def error_response(frame: ErrorFrame, status: int, headers: dict[str, str]) -> J
     return JSONResponse(frame.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-class PublishRate:
-    """Events published over HTTP per credential key, across replicas (a `limits` moving
-    window in Redis with the RabbitMQ transport). If Redis stops answering, the count falls
-    back to this process's memory rather than letting everything through or refusing all."""
-
-    def __init__(self, storage: Storage, limit: RateLimitItem) -> None:
-        self._shared = MovingWindowRateLimiter(storage)
-        self._fallback = MovingWindowRateLimiter(MemoryStorage())
-        self._limit = limit
-        self._storage_failing = False
-
-    async def take(self, key: str, wanted: int) -> tuple[int, int]:
-        """How many of `wanted` events may go now, and the seconds until more may."""
-        try:
-            taken = await self._take(self._shared, key, wanted)
-        except StorageError as exc:
-            if not self._storage_failing:  # once per outage, not once per request
-                log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
-            self._storage_failing = True
-            return await self._take(self._fallback, key, wanted)
-        self._storage_failing = False
-        return taken
-
-    async def _take(
-        self, limiter: MovingWindowRateLimiter, key: str, wanted: int
-    ) -> tuple[int, int]:
-        stats = await limiter.get_window_stats(self._limit, "http-publish", key)
-        granted = min(wanted, max(stats.remaining, 0))
-        if granted and not await limiter.hit(self._limit, "http-publish", key, cost=granted):
-            granted = 0  # another request took the rest meanwhile
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        return granted, retry_after
-
-
 def add_http_api(
     app: FastAPI,
     settings: IngressSettings,
-    authenticator: Authenticator,
-    runtime_of: Callable[[], IngressRuntime],
-    rate: PublishRate,
     *,
     exempt: Callable[[Any], Any],
 ) -> None:
@@ -155,7 +108,9 @@ def add_http_api(
     def authorise(request: Request, board_id: str, *, cookie: bool) -> tuple[Principal, str]:
         if not is_board_id(board_id):
             raise Refused(
-                "invalid_message", "The board id must be 1-64 of [A-Za-z0-9_.-].", status=422
+                ErrorCode.INVALID_MESSAGE,
+                "The board id must be 1-64 of [A-Za-z0-9_.-].",
+                status=422,
             )
         # No session cookie for a publish: a cookie is ambient, and a page of another site
         # could make the browser send it with a form's POST.
@@ -163,11 +118,13 @@ def add_http_api(
             request.query_params, request.headers, request.cookies if cookie else {}
         )
         try:
-            principal = authenticator.authenticate(found.value if found else None)
+            principal = runtime_of(request).authenticator.authenticate(
+                found.value if found else None
+            )
         except Unauthorized as exc:
-            raise Refused("unauthorized", str(exc)) from None
+            raise Refused(ErrorCode.UNAUTHORIZED, str(exc)) from None
         if not principal.may_access(board_id):
-            raise Refused("forbidden", "This token does not grant the board.")
+            raise Refused(ErrorCode.FORBIDDEN, "This token does not grant the board.")
         assert found is not None  # authenticate() refused a missing one
         client = request.client.host if request.client else "unknown"
         return principal, credential_key(principal, found.value, client)
@@ -176,39 +133,44 @@ def add_http_api(
         """The JSON body, refused (413) as soon as it is known to pass `limit` bytes."""
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            raise Refused("payload_too_large", f"The body is larger than {limit} bytes.")
+            raise Refused(ErrorCode.PAYLOAD_TOO_LARGE, f"The body is larger than {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise Refused("payload_too_large", f"The body is larger than {limit} bytes.")
+                raise Refused(
+                    ErrorCode.PAYLOAD_TOO_LARGE, f"The body is larger than {limit} bytes."
+                )
             chunks.append(chunk)
         try:
             return orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError:
-            raise Refused("invalid_message", "The body is not valid JSON.") from None
+            raise Refused(ErrorCode.INVALID_MESSAGE, "The body is not valid JSON.") from None
 
     def board_message(data: Any) -> BoardMessage:
         """One message through the WebSocket frame's own validation (`decode_client_frame`)."""
         try:
             frame = codec.decode_client_frame(orjson.dumps(data), settings.max_payload_bytes)
         except orjson.JSONEncodeError:
-            raise InvalidFrame("invalid_message", "The payload is nested too deeply.") from None
+            raise InvalidFrame(
+                ErrorCode.INVALID_MESSAGE, "The payload is nested too deeply."
+            ) from None
         if not isinstance(frame, BoardMessage):
-            raise InvalidFrame("invalid_message", "Send a BoardMessage: type, payload, id.")
+            raise InvalidFrame(ErrorCode.INVALID_MESSAGE, "Send a BoardMessage: type, payload, id.")
         return frame
 
     def idempotency_key(request: Request, most: int = 128) -> str | None:
         key = request.headers.get("idempotency-key")
         if key is not None and (len(key) > most or not _CLIENT_ID.fullmatch(key)):
             raise Refused(
-                "invalid_message",
+                ErrorCode.INVALID_MESSAGE,
                 f"Idempotency-Key must be 1-{most} of [A-Za-z0-9_.:-].",
             )
         return key
 
     async def publish(
+        request: Request,
         board_id: str,
         message: BoardMessage,
         correlation_id: str,
@@ -216,7 +178,7 @@ def add_http_api(
         sender: str,
         started: float,
     ) -> AckFrame | ErrorFrame:
-        runtime = runtime_of()
+        runtime = runtime_of(request)
         try:
             return await publish_board_event(
                 runtime,
@@ -234,7 +196,7 @@ def add_http_api(
             runtime.metrics.published.labels("error", "http").inc()
             log.exception("publishing an HTTP event failed", correlation_id=correlation_id)
             return ErrorFrame(
-                code="unavailable",
+                code=ErrorCode.UNAVAILABLE,
                 message="The event could not be published; retry with the same key.",
                 correlation_id=correlation_id,
             )
@@ -253,10 +215,10 @@ def add_http_api(
             except InvalidFrame as exc:
                 return refusal(exc.code, exc.message, header_key or exc.correlation_id)
             correlation_id = header_key or message.id or uuid.uuid4().hex
-            granted, retry_after = await rate.take(key, 1)
+            granted, retry_after = await runtime_of(request).publish_rate.take(key, 1)
             if not granted:
                 return refusal(
-                    "rate_limited",
+                    ErrorCode.RATE_LIMITED,
                     "Too many events for this credential: slow down.",
                     correlation_id,
                     retry_after=retry_after,
@@ -264,7 +226,7 @@ def add_http_api(
         except Refused as exc:
             return refused(exc)
         reply = await publish(
-            board_id, message, correlation_id, principal, uuid.uuid4().hex, started
+            request, board_id, message, correlation_id, principal, uuid.uuid4().hex, started
         )
         if isinstance(reply, ErrorFrame):
             return error_response(reply, STATUS[reply.code], {})
@@ -282,9 +244,11 @@ def add_http_api(
             batch_key = idempotency_key(request, most=124)
             data = await read_body(request, MAX_BATCH * event_body_limit)
             if not isinstance(data, list) or not data:
-                raise Refused("invalid_message", "Send a JSON array of 1 to 100 messages.")
+                raise Refused(ErrorCode.INVALID_MESSAGE, "Send a JSON array of 1 to 100 messages.")
             if len(data) > MAX_BATCH:
-                raise Refused("payload_too_large", f"A batch holds at most {MAX_BATCH} messages.")
+                raise Refused(
+                    ErrorCode.PAYLOAD_TOO_LARGE, f"A batch holds at most {MAX_BATCH} messages."
+                )
         except Refused as exc:
             return refused(exc)
 
@@ -298,10 +262,11 @@ def add_http_api(
                 continue
             derived = f"{batch_key}:{index}" if batch_key else None
             accepted.append((index, message, message.id or derived or uuid.uuid4().hex))
+        rate = runtime_of(request).publish_rate
         granted, retry_after = await rate.take(key, len(accepted)) if accepted else (0, 0)
         for index, _message, correlation_id in accepted[granted:]:
             results[index] = refused_item(
-                "rate_limited",
+                ErrorCode.RATE_LIMITED,
                 "Too many events for this credential: slow down.",
                 correlation_id,
                 retry_after,
@@ -309,7 +274,7 @@ def add_http_api(
         sender = uuid.uuid4().hex
         replies = await asyncio.gather(
             *(
-                publish(board_id, message, correlation_id, principal, sender, started)
+                publish(request, board_id, message, correlation_id, principal, sender, started)
                 for _index, message, correlation_id in accepted[:granted]
             )
         )
@@ -326,7 +291,7 @@ def add_http_api(
     def refused_item(
         code: str, message: str, correlation_id: str | None, retry_after: int | None = None
     ) -> BatchRefused:
-        if retry_after is None and code == "unavailable":
+        if retry_after is None and code == ErrorCode.UNAVAILABLE:
             retry_after = UNAVAILABLE_RETRY_SECONDS
         return BatchRefused.model_validate(
             {
@@ -349,21 +314,21 @@ def add_http_api(
             cursor = parse_board_cursor(after or "0", query.get("epoch") or None)
             if cursor is None:
                 raise Refused(
-                    "invalid_message",
+                    ErrorCode.INVALID_MESSAGE,
                     "`after` must be a sequence, or <sequence>.<epoch> as the events carry it.",
                 )
         except Refused as exc:
             return refused(exc)
         try:
-            return await history_page(board_id, cursor, limit, explicit=after is not None)
+            return await history_page(request, board_id, cursor, limit, explicit=after is not None)
         except (RedisError, OSError) as exc:
             log.warning("reading a board's history failed", board_id=board_id, error=str(exc))
-            return refusal("unavailable", "The history cannot be read now; retry shortly.")
+            return refusal(ErrorCode.UNAVAILABLE, "The history cannot be read now; retry shortly.")
 
     async def history_page(
-        board_id: str, cursor: BoardCursor, limit: int, *, explicit: bool
+        request: Request, board_id: str, cursor: BoardCursor, limit: int, *, explicit: bool
     ) -> Response:
-        replay = await runtime_of().hub.replay_board(board_id, cursor)
+        replay = await runtime_of(request).hub.replay_board(board_id, cursor)
         events: list[bytes] = []
         last = 0
         more = False
@@ -394,4 +359,4 @@ def _limit(text: str | None) -> int:
         return DEFAULT_HISTORY_LIMIT
     if text.isascii() and text.isdigit() and len(text) <= 4 and 1 <= int(text) <= 1000:
         return int(text)
-    raise Refused("invalid_message", f"`limit` must be 1 to {MAX_HISTORY_LIMIT}.")
+    raise Refused(ErrorCode.INVALID_MESSAGE, f"`limit` must be 1 to {MAX_HISTORY_LIMIT}.")

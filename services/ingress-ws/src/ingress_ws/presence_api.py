@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from envelope.models import PresenceSnapshot, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from realtime_runtime.auth import Authenticator, Unauthorized, credential_from
+from realtime_runtime.auth import Unauthorized, credential_from
 from redis.exceptions import RedisError
 
-from ingress_ws.presence import BoardPresence
+from ingress_ws.state import runtime_of
 
 
-def add_presence_api(
-    app: FastAPI, authenticator: Authenticator, presence: Callable[[], BoardPresence]
-) -> None:
-    """The snapshot route; `presence` gives the running process's `BoardPresence`."""
+def add_presence_api(app: FastAPI) -> None:
+    """The snapshot route, on the running process's `BoardPresence`."""
 
     def refuse(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
@@ -26,8 +22,9 @@ def add_presence_api(
         """The board's members (one per identity) and each one's open sockets."""
         if not is_board_id(board_id):
             return refuse(422, "The board id must be 1-64 of [A-Za-z0-9_.-].")
+        runtime = runtime_of(request)
         try:
-            principal = authenticator.authenticate(
+            principal = runtime.authenticator.authenticate(
                 credential_from(request.query_params, request.headers, request.cookies)
             )
         except Unauthorized as exc:
@@ -35,7 +32,7 @@ def add_presence_api(
         if not principal.may_access(board_id):
             return refuse(403, "This token does not grant the board.")
         try:
-            members = await presence().store.members(board_id)
+            members = await runtime.presence.store.members(board_id)
         except (RedisError, OSError):
             return refuse(503, "Presence is unavailable; retry shortly.", {"Retry-After": "1"})
         members.sort(key=lambda member: member.id)

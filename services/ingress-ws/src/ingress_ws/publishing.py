@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 import structlog
 from envelope import codec
+from envelope.codes import ErrorCode
 from envelope.models import (
     SCHEMA_VERSION,
     AckFrame,
@@ -30,7 +31,7 @@ from realtime_runtime.observability import inject_trace_context
 from ingress_ws.publisher import PublishUnavailable
 
 if TYPE_CHECKING:
-    from ingress_ws.sessions import IngressRuntime
+    from ingress_ws.state import IngressRuntime
 
 Transport = Literal["websocket", "http"]
 TRANSPORTS: tuple[Transport, ...] = ("websocket", "http")
@@ -93,7 +94,7 @@ async def publish_board_event(
             except (ValidationError, orjson.JSONEncodeError) as exc:
                 received.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 return ErrorFrame(
-                    code="invalid_message",
+                    code=ErrorCode.INVALID_MESSAGE,
                     message="The event cannot be stored as sent; change it before resending.",
                     correlation_id=correlation_id,
                 )
@@ -110,7 +111,7 @@ async def publish_board_event(
                 metrics.published.labels("error", transport).inc()
                 received.set_status(trace.StatusCode.ERROR, "unconfirmed bytes at the bound")
                 return ErrorFrame(
-                    code="unavailable",
+                    code=ErrorCode.UNAVAILABLE,
                     message="Too many events await the broker's confirm; "
                     "retry with the same id shortly.",
                     correlation_id=correlation_id,
@@ -129,7 +130,7 @@ async def publish_board_event(
                     transport=transport,
                 )
                 return ErrorFrame(
-                    code="unavailable",
+                    code=ErrorCode.UNAVAILABLE,
                     message="The event could not be stored; retry with the same id.",
                     correlation_id=correlation_id,
                 )

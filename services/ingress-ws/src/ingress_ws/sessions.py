@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import structlog
 from aiolimiter import AsyncLimiter
 from envelope import codec
 from envelope.codec import InvalidFrame
-from envelope.codes import CloseCode
+from envelope.codes import CloseCode, ErrorCode, ResetReason
 from envelope.cursors import parse_board_cursor
 from envelope.models import (
     AckFrame,
@@ -22,24 +21,17 @@ from envelope.models import (
     ResetFrame,
     ResumeRequest,
 )
-from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
+from limits import parse
 from opentelemetry import context as otel_context
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
-from realtime_runtime.feed import ActivityHub, HistoryLost, SlowConsumer, Subscription
-from realtime_runtime.observability import DeliveryTracker
+from realtime_runtime.feed import HistoryLost, SlowConsumer, Subscription
 from realtime_runtime.presence import is_presence
-from realtime_runtime.service import delivery_latency_histogram
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ingress_ws.presence import BoardPresence, member_of
-from ingress_ws.publisher import EventPublisher
-from ingress_ws.publishing import TRANSPORTS, publish_board_event
+from ingress_ws.presence import member_of
+from ingress_ws.publishing import publish_board_event
 from ingress_ws.refresh import CredentialLease
-from ingress_ws.settings import IngressSettings
+from ingress_ws.state import IngressRuntime
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("ingress_ws")
 
@@ -47,139 +39,6 @@ WRITE_BATCH = 64  # events sent per wake-up of a socket's writer when several ar
 MAX_IN_FLIGHT = 256  # unconfirmed publishes per connection before we stop reading
 # A client that stopped reading cannot take a close frame either: give up on it after this.
 CLOSE_TIMEOUT_SECONDS = 2.0
-
-
-class IngressMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.published = Counter(
-            "advanced_board_events_published",
-            "Board events published to RabbitMQ, by status and transport (websocket, http).",
-            ["status", "transport"],
-            registry=registry,
-        )
-        self.publish_duration = Histogram(
-            "advanced_board_event_publish_duration_seconds",
-            "Time from an event's arrival to RabbitMQ's publisher confirm, by transport.",
-            ["transport"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=registry,
-        )
-        self.connections = Gauge(
-            "advanced_websocket_connections", "Open board WebSockets.", registry=registry
-        )
-        self.frames = Counter(
-            "advanced_websocket_frames",
-            "Client frames received, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self.closes = Counter(
-            "advanced_websocket_closes",
-            "WebSockets closed by the server, by close code.",
-            ["code"],
-            registry=registry,
-        )
-        self.unconfirmed_bytes = Gauge(
-            "advanced_websocket_unconfirmed_bytes",
-            "Bytes of published events awaiting RabbitMQ's confirm, in this process.",
-            registry=registry,
-        )
-        self.latency = delivery_latency_histogram(registry)
-        self.replayed = Counter(
-            "advanced_websocket_replayed_events",
-            "Events sent from the board's stream on resume.",
-            registry=registry,
-        )
-        self.resets = Counter(
-            "advanced_websocket_resets",
-            "Resumes whose cursor was no longer retained.",
-            registry=registry,
-        )
-        # One span per event fanned out here; latency observed at each socket write.
-        self.delivery = DeliveryTracker("websocket", self.latency.labels("websocket").observe)
-        for transport in TRANSPORTS:
-            self.publish_duration.labels(transport)
-            for status in ("success", "error"):
-                self.published.labels(status, transport)
-
-
-class MessageBudget:
-    """The WebSocket message limits (slowapi covers HTTP routes only).
-
-    A connection's budget is a leaky bucket in this process (aiolimiter: up to the limit in a
-    burst, refilled at the limit's rate): the socket lives here, and a Redis round trip per
-    frame would cost the ingress more than the frame's own publish. The optional per-client
-    budget spans sockets and replicas, so it is a `limits` moving window in `storage` (Redis
-    with the RabbitMQ transport); if Redis stops answering, that count falls back to this
-    process's memory rather than letting every frame through or refusing them all.
-    """
-
-    def __init__(
-        self,
-        storage: Storage,
-        per_connection: RateLimitItem,
-        per_client: RateLimitItem | None = None,
-    ) -> None:
-        self._shared = MovingWindowRateLimiter(storage)
-        self._fallback = MovingWindowRateLimiter(MemoryStorage())
-        self._per_connection = per_connection
-        self._per_client = per_client
-        self._storage_failing = False
-
-    def connection_budget(self) -> AsyncLimiter:
-        return AsyncLimiter(self._per_connection.amount, self._per_connection.get_expiry())
-
-    async def allow(self, connection: AsyncLimiter, client: str) -> bool:
-        if not connection.has_capacity():
-            return False
-        await connection.acquire()  # returns at once: there is capacity
-        if self._per_client is None:
-            return True
-        try:
-            allowed = await self._shared.hit(self._per_client, "ws-client", client)
-        except StorageError as exc:
-            if not self._storage_failing:
-                log.warning("rate-limit storage unreachable; counting in memory", error=str(exc))
-            self._storage_failing = True
-            return await self._fallback.hit(self._per_client, "ws-client", client)
-        self._storage_failing = False
-        return allowed
-
-
-class UnconfirmedBytes:
-    """The bytes of envelopes published and not yet confirmed by RabbitMQ, for the whole
-    process: while the broker stops confirming, every socket's window (`MAX_IN_FLIGHT`) would
-    otherwise fill, and the cap of sockets multiplies it past the pod's memory."""
-
-    def __init__(self, limit: int, gauge: Gauge) -> None:
-        self.limit = limit
-        self.held = 0
-        self._gauge = gauge
-
-    def reserve(self, size: int) -> bool:
-        if self.held + size > self.limit:
-            return False
-        self.held += size
-        self._gauge.set(self.held)
-        return True
-
-    def release(self, size: int) -> None:
-        self.held -= size
-        self._gauge.set(self.held)
-
-
-@dataclass
-class IngressRuntime:
-    """What every socket shares in one process."""
-
-    settings: IngressSettings
-    publisher: EventPublisher
-    hub: ActivityHub[str]
-    presence: BoardPresence
-    budget: MessageBudget
-    metrics: IngressMetrics
-    unconfirmed: UnconfirmedBytes
-    sockets: set[BoardSocket] = field(default_factory=set)
 
 
 class BoardSocket:
@@ -258,9 +117,7 @@ class BoardSocket:
         if self.websocket.application_state == WebSocketState.CONNECTED:
             self.runtime.metrics.closes.labels(str(code)).inc()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS
-                )
+                await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT_SECONDS)
 
     async def _replay(self, cursor: str | int, epoch: str | None) -> None:
         """Replay the board's retained events after `cursor`, then carry on live without a
@@ -315,14 +172,16 @@ class BoardSocket:
                     return
                 await self._refuse(
                     InvalidFrame(
-                        "rate_limited", "Too many messages: slow down.", codec.client_id_of(text)
+                        ErrorCode.RATE_LIMITED,
+                        "Too many messages: slow down.",
+                        codec.client_id_of(text),
                     )
                 )
                 continue
             self._strikes = 0
             if text is None:
                 await self._refuse(
-                    InvalidFrame("invalid_message", "Send JSON in text frames, not binary.")
+                    InvalidFrame(ErrorCode.INVALID_MESSAGE, "Send JSON in text frames, not binary.")
                 )
                 continue
             try:
@@ -335,7 +194,7 @@ class BoardSocket:
                     limit = settings.websocket_resume_rate_limit
                     await self._refuse(
                         InvalidFrame(
-                            "rate_limited",
+                            ErrorCode.RATE_LIMITED,
                             f"Too many resume requests (at most {limit}); resume less often.",
                         )
                     )
@@ -361,10 +220,10 @@ class BoardSocket:
         except Exception:
             # A frame is never left unanswered by a task that died: the client hears of it.
             self.runtime.metrics.published.labels("error", "websocket").inc()
-            self.runtime.metrics.frames.labels("unavailable").inc()
+            self.runtime.metrics.frames.labels(ErrorCode.UNAVAILABLE).inc()
             self._log.exception("publishing a frame failed", correlation_id=correlation_id)
             reply = ErrorFrame(
-                code="unavailable",
+                code=ErrorCode.UNAVAILABLE,
                 message="The event could not be published; retry with the same id.",
                 correlation_id=correlation_id,
             )
@@ -408,7 +267,7 @@ class BoardSocket:
                 async with self._send_lock:
                     self.runtime.metrics.resets.inc()
                     reset = ResetFrame(
-                        board_id=self.board_id, reason="history_lost", oldest_cursor=None
+                        board_id=self.board_id, reason=ResetReason.HISTORY_LOST, oldest_cursor=None
                     )
                     await self.websocket.send_text(codec.dumps(reset).decode())
                     self._last_sequence = 0

@@ -1,4 +1,4 @@
-"""Board presence in Redis, shared by every ingress replica.
+"""Board presence in Redis, shared by every ingress replica (and the limits' Redis storage).
 
 Per board (both keys under one hash tag), `RedisKeys.presence` holds `<instance>:<member id>`
 → `<connections> <member JSON>` and `RedisKeys.presence_members` each member's connections
@@ -24,7 +24,10 @@ import redis.asyncio as redis
 from envelope.models import PresenceEntry, PresenceMember
 from envelope.presence import member_json
 from envelope.topology import RedisKeys
+from limits.aio.storage import RedisStorage, Storage
 from realtime_runtime.presence import RedisPresenceChanges
+
+from ingress_ws.settings import IngressSettings
 
 # KEYS: the board's presence hash, its members hash. ARGV: channel, board id, board JSON.
 _CHANGE = r"""
@@ -156,3 +159,15 @@ class RedisPresence:
                 counts[member_id] = counts.get(member_id, 0) + int(count)
                 names[member_id] = orjson.loads(member).get("name")
         return [PresenceEntry(id=m, name=names[m], connections=n) for m, n in counts.items()]
+
+
+def redis_rate_limit_storage(settings: IngressSettings) -> Storage:
+    """The limits that hold across replicas, in Redis (redis-py's asyncio client)."""
+    return RedisStorage(
+        "async+" + settings.redis_url.get_secret_value(),
+        implementation="redispy",
+        key_prefix=f"{settings.redis_key_prefix}limits",
+        wrap_exceptions=True,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+    )
