@@ -1,5 +1,7 @@
-"""The README and the docs name only close codes the contract has (`envelope.codes.CloseCode`,
-the one table): a code renamed or removed there fails here until the prose follows."""
+"""Each contract rule has one implementation: the sources never spell the board-id rule again,
+and the README and the docs name only close codes the contract has (`envelope.codes.CloseCode`,
+the one table), so a code renamed or removed there fails here until the prose follows. (The
+client module's copies are checked in services/ingress-ws/tests/test_client_module.py.)"""
 
 from __future__ import annotations
 
@@ -27,6 +29,23 @@ def test_the_docs_name_only_the_contracts_close_codes() -> None:
         if number not in CODES and number not in NOT_CLOSE_CODES
     }
     assert not unknown, f"close codes the contract does not have: {sorted(unknown)}"
+
+
+def test_only_the_envelope_spells_the_board_id_rule() -> None:
+    # `.match` in one edge and `.fullmatch` in another was a live bug: every edge calls
+    # `envelope.models.is_board_id` instead of compiling a pattern of its own.
+    sources = [
+        path
+        for pattern in ("libs/*/src/**/*.py", "services/*/src/**/*.py", "tools/*/src/**/*.py")
+        for path in REPO.glob(pattern)
+    ]
+    assert sources
+    spelled = [
+        str(path.relative_to(REPO))
+        for path in sources
+        if "[A-Za-z0-9_.-]{1,64}" in path.read_text()
+    ]
+    assert spelled == ["libs/envelope/src/envelope/models.py"]
 
 
 def test_the_readme_points_at_the_one_table() -> None:
