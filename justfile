@@ -71,7 +71,7 @@ security: setup
 lint: setup
     {{uv}} run ruff format --check .
     {{uv}} run ruff check .
-    {{uv}} run mypy libs/envelope/src libs/runtime/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src
+    {{uv}} run mypy libs/envelope/src libs/runtime/src services/ingress-ws/src services/sse-gateway/src services/relay-worker/src tools/dev-suite/src tools/probe/src
     {{uv}} run lint-imports
 
 # Copy the client module (clients/js) into the ingress's static files, which serve and ship it.

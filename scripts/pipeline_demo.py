@@ -1,4 +1,5 @@
-"""The seed's pipeline demo, kept for its readers: it runs `realtime-probe` (ingress_ws.probe).
+"""The seed's pipeline demo, kept for its readers: it runs `realtime-probe` (tools/probe,
+`realtime_probe.cli`).
 
 Same arguments and exit codes: `uv run python scripts/pipeline_demo.py --count 3 --json`.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ingress_ws.probe import main
+from realtime_probe.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

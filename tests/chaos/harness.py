@@ -30,6 +30,7 @@ import orjson
 import redis
 import websockets
 from conftest import TOKEN
+from realtime_probe.sse import SseParser
 from support.brokers import Brokers, Names
 from support.processes import Service, Suite, free_port
 
@@ -195,23 +196,9 @@ async def sse_events(
         async with client.stream("GET", url, headers=headers or {}) as response:
             if response.status_code != 200:
                 raise AssertionError(f"{url}: {response.status_code} {await response.aread()!r}")
-            kind, ident, data = "message", None, []
-            async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        yield kind, ident, "\n".join(data)
-                    kind, ident, data = "message", None, []
-                elif line.startswith(":"):
-                    continue
-                else:
-                    key, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if key == "event":
-                        kind = value
-                    elif key == "id":
-                        ident = value
-                    elif key == "data":
-                        data.append(value)
+            async for event in SseParser().events(response.aiter_lines()):
+                if event.data_lines:
+                    yield event.event, event.id, event.data
 
 
 async def sse_subscriber(

@@ -22,6 +22,7 @@ from envelope.models import BoardMessage, ResumeRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
+from realtime_probe.sse import SseEvent, SseParser
 from security.edge_client import TOKEN
 from sse_gateway.streams import activity_frame, board_frame, field_safe
 from support.processes import Service
@@ -207,19 +208,12 @@ def test_after_the_fuzzing_the_server_is_healthy_and_logged_no_crash(ingress: Se
 # --- SSE framing: no raw CR, LF or NUL in any field -------------------------------------------
 
 
-def parse_sse(raw: bytes) -> list[dict[str, str]]:
-    """The events as an EventSource would see them (WHATWG parsing, simplified)."""
-    events: list[dict[str, str]] = []
-    fields: dict[str, str] = {}
-    for line in re.split(r"\r\n|\r|\n", raw.decode()):
-        if line == "":
-            if fields:
-                events.append(fields)
-            fields = {}
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        fields[name] = fields[name] + "\n" + value if name == "data" and name in fields else value
+def parse_sse(raw: bytes) -> list[SseEvent]:
+    """The events as the one SSE parser (`realtime_probe.sse`) reads them; a comment line
+    would be a field the frame must not carry, so it counts as one here."""
+    parser = SseParser()
+    events = parser.feed_text(raw.decode())
+    assert parser.comments == 0, raw
     return events
 
 
@@ -236,10 +230,11 @@ def test_sse_frames_carry_no_raw_line_breaks_or_nul(payload: str, stream_id: str
             encoded = render(event)
             parsed = parse_sse(encoded)
             assert len(parsed) == 1, encoded
-            assert set(parsed[0]) <= {"id", "event", "data"}, encoded
-            assert parsed[0]["event"] == "activity"
-            assert "\0" not in parsed[0].get("id", "") and "\n" not in parsed[0]["data"]
-            assert parsed[0]["data"] == field_safe(body.decode(errors="replace"))
+            (only,) = parsed
+            assert only.other_fields == [] and only.data_lines, encoded
+            assert only.event == "activity"
+            assert "\0" not in (only.id or "") and "\n" not in only.data
+            assert only.data == field_safe(body.decode(errors="replace"))
             if body is relayed:  # JSON needs no repair: its data is exactly the event
-                assert parsed[0]["data"] == relayed.decode()
-                assert orjson.loads(parsed[0]["data"])["payload"]["text"] == payload
+                assert only.data == relayed.decode()
+                assert orjson.loads(only.data)["payload"]["text"] == payload

@@ -1,4 +1,5 @@
-"""Minimal protocol clients for tests: a WebSocket board client and an SSE reader."""
+"""Protocol clients for tests: a WebSocket board client and an SSE reader, built on the probe's
+(`realtime_probe`), and raw stalled clients for the slow-consumer tests."""
 
 from __future__ import annotations
 
@@ -11,49 +12,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import orjson
 import websockets
-
-
-@dataclass
-class SseEvent:
-    event: str = "message"
-    id: str | None = None
-    data: str = ""
-
-    def json(self) -> Any:
-        return orjson.loads(self.data)
+from realtime_probe.sse import SseEvent, SseParser
+from realtime_probe.websocket import BoardSocket
 
 
 @dataclass
 class SseStream:
-    """Reads an SSE response in the background into a queue of parsed events."""
+    """Reads an SSE response in the background into a queue of parsed events (the probe's
+    parser, `realtime_probe.sse`: one reading of the stream for the tool and the tests)."""
 
     response: httpx.Response
     events: asyncio.Queue[SseEvent] = field(default_factory=asyncio.Queue)
-    comments: int = 0
+    parser: SseParser = field(default_factory=SseParser)
+
+    @property
+    def comments(self) -> int:
+        return self.parser.comments
 
     async def pump(self) -> None:
-        current = SseEvent()
-        has_field = False
-        async for line in self.response.aiter_lines():
-            if line == "":
-                if has_field:
-                    await self.events.put(current)
-                current, has_field = SseEvent(), False
-                continue
-            if line.startswith(":"):
-                self.comments += 1
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            has_field = True
-            if name == "event":
-                current.event = value
-            elif name == "id":
-                current.id = value
-            elif name == "data":
-                current.data = value if not current.data else current.data + "\n" + value
+        async for event in self.parser.events(self.response.aiter_lines()):
+            await self.events.put(event)
 
     async def next(self, timeout: float = 10.0, kind: str = "activity") -> SseEvent:
         while True:
@@ -77,41 +56,32 @@ async def sse(url: str, headers: dict[str, str] | None = None) -> AsyncIterator[
                     await task
 
 
-class BoardClient:
-    """A WebSocket on one board that sorts the server's frames by kind."""
+class BoardClient(BoardSocket):
+    """A WebSocket on one board that sorts the server's frames by kind (the probe's reader,
+    `realtime_probe.websocket`, with a queue per kind)."""
 
     def __init__(self, connection: websockets.ClientConnection) -> None:
-        self.connection = connection
         self.frames: dict[str, asyncio.Queue[dict[str, Any]]] = {
             kind: asyncio.Queue() for kind in ("ack", "event", "error", "reset", "presence")
         }
-        self._task = asyncio.create_task(self._pump())
+        super().__init__(connection)
 
-    async def _pump(self) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            async for raw in self.connection:
-                frame = orjson.loads(raw)
-                # Kinds beyond the four (`expiring`, `presence`, …) get a queue of their own.
-                await self.frames.setdefault(frame["kind"], asyncio.Queue()).put(frame)
+    async def deliver(self, frame: dict[str, Any]) -> None:
+        # Kinds beyond the four (`expiring`, `presence`, …) get a queue of their own.
+        await self.frames.setdefault(frame["kind"], asyncio.Queue()).put(frame)
 
-    async def send(
+    async def send(  # type: ignore[override]
         self,
         type_: str = "note.created",
         payload: dict[str, Any] | None = None,
         id_: str | None = None,
     ) -> str:
         correlation_id = id_ or uuid.uuid4().hex
-        await self.connection.send(
-            orjson.dumps({"type": type_, "payload": payload or {}, "id": correlation_id}).decode()
-        )
+        await super().send({"type": type_, "payload": payload or {}, "id": correlation_id})
         return correlation_id
 
     async def next(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         return await asyncio.wait_for(self.frames.setdefault(kind, asyncio.Queue()).get(), timeout)
-
-    async def close(self) -> None:
-        await self.connection.close()
-        self._task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +91,7 @@ async def board(url: str, **kwargs: Any) -> AsyncIterator[BoardClient]:
         try:
             yield client
         finally:
-            client._task.cancel()
+            await client.close()
 
 
 async def stalled_sse(

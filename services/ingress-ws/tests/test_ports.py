@@ -1,20 +1,12 @@
-"""Moving the gateway's port moves the page's EventSource and the probe's default with it."""
+"""Moving the gateway's port moves the page's EventSource with it (the probe's default follows
+the same variables: tools/probe/tests/test_options.py)."""
 
 from __future__ import annotations
-
-import socket
 
 import httpx
 import pytest
 from ingress_ws.app import create_app
-from ingress_ws.probe import parse_options
 from ingress_ws.settings import IngressSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def page_config(base_url: str = "http://localhost:8004") -> dict[str, object]:
@@ -41,20 +33,3 @@ async def test_an_explicit_public_url_wins_over_the_port(monkeypatch: pytest.Mon
     monkeypatch.setenv("ADVANCED_SSE_PORT", "9105")
     monkeypatch.setenv("ADVANCED_SSE_PUBLIC_URL", "https://events.example.com/realtime")
     assert (await page_config())["sse_public_url"] == "https://events.example.com/realtime"
-
-
-def test_the_probe_follows_the_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No ingress listens there, so the probe cannot ask it and falls back to the SSE port.
-    ingress, gateway = free_port(), free_port()
-    monkeypatch.delenv("ADVANCED_SSE_PUBLIC_URL", raising=False)
-    monkeypatch.setenv("ADVANCED_INGRESS_PORT", str(ingress))
-    monkeypatch.setenv("ADVANCED_SSE_PORT", str(gateway))
-    options, _ = parse_options([])
-    assert (options.ws_url, options.sse_url) == (
-        f"ws://localhost:{ingress}",
-        f"http://localhost:{gateway}",
-    )
-    monkeypatch.setenv("ADVANCED_SSE_PUBLIC_URL", "")  # the SSE routes on the ingress's port
-    assert parse_options([])[0].sse_url == f"http://localhost:{ingress}"
-    monkeypatch.setenv("ADVANCED_SSE_PUBLIC_URL", "https://events.example.com/")
-    assert parse_options([])[0].sse_url == "https://events.example.com"

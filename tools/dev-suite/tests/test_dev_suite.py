@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 from dev_suite.__main__ import create_suite
-from ingress_ws.probe import parse_options
+from realtime_probe.cli import parse_options
 from support.clients import board, sse
 
 TOKEN = "change-me-realtime"  # the development default the dev suite runs with
