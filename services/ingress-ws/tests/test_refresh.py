@@ -5,7 +5,7 @@ warning and the expiry is tested on real processes in tests/security/test_refres
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -72,18 +72,21 @@ def test_a_refresh_is_answered_and_the_socket_publishes_on(
     assert envelope.correlation_id == "after-refresh"
 
 
+# Signed when the test runs, not when it is collected: a long run would outlast their `exp`.
 @pytest.mark.parametrize(
-    ("token", "code"),
+    ("make_token", "code"),
     [
-        (signed("ann", ["other"]), 4403),
-        (signed("bob", ["b"]), 4403),
-        (signed("ann", ["b"], ttl=-10), 4401),
-        ("wrong", 4401),
+        (lambda: signed("ann", ["other"]), 4403),
+        (lambda: signed("bob", ["b"]), 4403),
+        (lambda: signed("ann", ["b"], ttl=-10), 4401),
+        (lambda: "wrong", 4401),
     ],
+    ids=["other-board", "other-identity", "expired", "not-a-token"],
 )
 def test_a_refresh_that_may_not_carry_the_socket_closes_it(
-    client: TestClient, token: str, code: int
+    client: TestClient, make_token: Callable[[], str], code: int
 ) -> None:
+    token = make_token()
     with (
         pytest.raises(WebSocketDisconnect) as closed,
         client.websocket_connect(f"/ws/boards/b?token={signed('ann', ['b'])}") as ws,
