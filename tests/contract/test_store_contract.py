@@ -221,6 +221,36 @@ async def test_a_forgotten_instance_leaves_at_once(stores: Stores) -> None:
     assert await presence.members("a") == []
 
 
+async def test_a_beat_lists_the_boards_and_writes_every_member_as_set_member_does(
+    stores: Stores,
+) -> None:
+    presence = stores.presence
+    members = {"a": [(ALICE, 2), (BOB, 1)], "b": [(BOB, 3)]}
+
+    async def beat() -> None:
+        await presence.beat("one", members, 30)
+
+    heard = await presence_changes(presence, beat, 3)
+    assert sorted((f.board_id, f.action, f.member.id, f.count) for f in heard) == [
+        ("a", "join", "alice", 1),
+        ("a", "join", "bob:1", 2),
+        ("b", "join", "bob:1", 1),
+    ]
+    assert await presence.members("b") == [PresenceEntry(id="bob:1", name=None, connections=3)]
+
+    async def beat_again_then_alice_leaves() -> None:
+        await presence.beat("one", members, 30)  # absolute counts: no change, nothing heard
+        await presence.set_member("a", "one", ALICE, 0)
+
+    heard = await presence_changes(presence, beat_again_then_alice_leaves, 1)
+    assert [(f.action, f.member.id) for f in heard] == [("leave", "alice")]
+
+    await presence.beat("dying", {"c": [(ALICE, 1)], "d": [(ALICE, 1)]}, 0.3)
+    await asyncio.sleep(0.4)
+    heard = await presence_changes(presence, presence.reap, 2)  # the boards the beat listed
+    assert sorted((f.board_id, f.action) for f in heard) == [("c", "leave"), ("d", "leave")]
+
+
 async def test_the_hub_delivers_each_event_once_in_order(stores: Stores) -> None:
     hub: ActivityHub[bytes] = ActivityHub(
         stores.feed, render_board=lambda e: e.event, render_activity=lambda e: e.event

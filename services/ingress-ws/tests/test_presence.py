@@ -136,6 +136,46 @@ async def test_a_dead_instance_s_members_leave_within_the_ttl() -> None:
         assert [m.id for m in await store.members("b")] == ["bob"]
 
 
+class CountingPresence(MemoryPresence):
+    """The memory store, counting the calls a writer makes (a beat must be one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beats = self.set_members = 0
+
+    async def beat(self, *args: Any) -> None:
+        self.beats += 1
+        await super().beat(*args)
+
+    async def set_member(self, *args: Any) -> None:
+        self.set_members += 1
+        await super().set_member(*args)
+
+
+async def test_a_beat_writes_every_member_again_in_one_call() -> None:
+    store = MemoryPresence()
+    presence = BoardPresence(store, "one", ttl=0.4)  # beats every 0.1 s
+    async with running(presence):
+        for board in ("a", "b"):
+            presence.join(board, ALICE)
+            presence.join(board, PresenceMember(id="bob", name=None))
+        presence.join("a", ALICE)
+
+        async def written() -> bool:
+            return sum(m.connections for m in await store.members("a")) == 3
+
+        await settled(written)
+        # A store that lost its data (a Redis restart): the next beat has everyone back.
+        lost = presence.store = CountingPresence()
+
+        async def back() -> bool:
+            return len(await lost.members("a")) == 2 and len(await lost.members("b")) == 2
+
+        await settled(back)
+        assert lost.set_members == 0 and lost.beats >= 1
+        assert {m.id: m.connections for m in await lost.members("a")} == {"alice": 2, "bob": 1}
+
+
 async def test_a_clean_stop_sends_its_members_leaves_at_once() -> None:
     store = MemoryPresence()
     presence = BoardPresence(store, "one", ttl=30)

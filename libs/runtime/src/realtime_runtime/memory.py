@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -215,6 +215,17 @@ class MemoryPresence:
     async def heartbeat(self, instance: str, boards: Collection[str], expires_in: float) -> None:
         self._instances[instance] = time.monotonic() + expires_in
         self._instance_boards[instance] = set(boards)
+
+    async def beat(
+        self,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+        expires_in: float,
+    ) -> None:
+        await self.heartbeat(instance, members, expires_in)
+        for board_id, held in members.items():
+            for member, connections in held:
+                self._change(board_id, instance, member.id, member_json(member), connections)
 
     async def forget(self, instance: str) -> None:
         self._instances[instance] = 0.0

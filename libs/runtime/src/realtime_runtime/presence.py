@@ -8,32 +8,33 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as redis
-from envelope.codec import RelayedEvent
 from envelope.topology import RedisKeys
 from redis.exceptions import RedisError
 
-from realtime_runtime.feed import ActivityHub
 from realtime_runtime.pubsub import channel_frames
+
+if TYPE_CHECKING:  # the feed's queue holds `PresenceItem`s: it imports this module
+    from realtime_runtime.feed import ActivityHub
 
 log = logging.getLogger("realtime_runtime.presence")
 T = TypeVar("T")
 
 
-def presence_item(board_id: str, member_id: str) -> RelayedEvent:
+@dataclass(frozen=True, slots=True)
+class PresenceItem:
     """A presence frame's place in a subscription's queue, in band with the board's events.
 
-    Its sequence is 0 (events start at 1), so writers tell it apart and never count it as an
-    event; `stream_id` holds the member, so the ingress does not echo a join to the joiner.
+    Not an event: it has no sequence or stream id, so no cursor, replay seam or delivery count
+    takes it for one. `member_id` lets the ingress not echo a join to the joiner.
     """
-    return RelayedEvent(member_id, board_id, 0, b"")
 
-
-def is_presence(event: RelayedEvent) -> bool:
-    return event.sequence == 0
+    board_id: str
+    member_id: str
 
 
 class PresenceChanges(Protocol):
@@ -91,7 +92,7 @@ class PresenceFanout:
         if not subscriptions or not frame:
             return
         member = _member_id(frame)
-        item, rendered = presence_item(board_id, member), self._render(frame)
+        item, rendered = PresenceItem(board_id, member), self._render(frame)
         for subscription in subscriptions:
             subscription.offer(item, rendered)
 

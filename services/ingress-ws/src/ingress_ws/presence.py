@@ -4,8 +4,9 @@ This process keeps its own sockets exactly (per board, per member); one writer t
 them to the `PresenceStore`, which decides the joins and leaves across replicas and publishes
 them. The writer sends absolute counts, one at a time, so a retry after a lost write or a
 lost Redis can only converge on what is true here; it also beats every `ttl / 4` seconds
-(expiring after `ttl / 2`) and reaps dead instances, so a crashed replica's members are gone
-within `ADVANCED_PRESENCE_TTL_SECONDS`.
+(expiring after `ttl / 2`, and writing all its members again in the same round trip) and
+reaps dead instances, so a crashed replica's members are gone within
+`ADVANCED_PRESENCE_TTL_SECONDS`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Protocol
 
 import structlog
@@ -39,6 +40,15 @@ class PresenceStore(Protocol):
     async def heartbeat(
         self, instance: str, boards: Collection[str], expires_in: float
     ) -> None: ...
+
+    async def beat(
+        self,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+        expires_in: float,
+    ) -> None:
+        """`heartbeat` with the boards of `members`, and `set_member` for each, at once."""
+        ...
 
     async def reap(self) -> None: ...
 
@@ -150,12 +160,17 @@ class BoardPresence:
         """Say this instance lives, with the boards it holds; write every member again (a
         Redis that lost its data, or reaped this instance after a stall, has it back), and
         reap the instances that stopped beating."""
-        boards = list(self._members)
-        await self.store.heartbeat(self._instance, boards, self._expires_in)
-        self._held = set(boards)
-        for board_id, members in self._members.items():
-            for member, _count in members.values():
-                self._dirty.setdefault((board_id, member.id), member)
+        members = {board: list(held.values()) for board, held in self._members.items()}
+        # Taken off first, as in `_flush`: a change during the beat marks its member again.
+        written = [(board, member.id) for board, held in members.items() for member, _ in held]
+        taken = {key: self._dirty.pop(key) for key in written if key in self._dirty}
+        try:
+            await self.store.beat(self._instance, members, self._expires_in)
+        except BaseException:
+            for key, member in taken.items():
+                self._dirty.setdefault(key, member)
+            raise
+        self._held = set(members)
         await self.store.reap()
 
     async def _flush(self, beat_due: float) -> None:

@@ -25,7 +25,7 @@ from limits import parse
 from opentelemetry import context as otel_context
 from pydantic import BaseModel
 from realtime_runtime.feed import HistoryLost, SlowConsumer, Subscription
-from realtime_runtime.presence import is_presence
+from realtime_runtime.presence import PresenceItem
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ingress_ws.presence import member_of
@@ -279,8 +279,8 @@ class BoardSocket:
                 for event, frame in batch:
                     if self.websocket.application_state != WebSocketState.CONNECTED:
                         return  # the server closed it meanwhile (a policy close): no more sends
-                    if is_presence(event):  # not echoed to the member it is about
-                        if event.stream_id != self.member.id:
+                    if isinstance(event, PresenceItem):  # not echoed to the member it is about
+                        if event.member_id != self.member.id:
                             await self.websocket.send_text(frame)
                         continue
                     if event.sequence <= self._last_sequence:

@@ -26,8 +26,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 import structlog
-from envelope.codec import RelayedEvent
-from realtime_runtime.feed import HistoryLost, SlowConsumer, Subscription
+from realtime_runtime.feed import HistoryLost, Queued, SlowConsumer, Subscription
+from realtime_runtime.presence import PresenceItem
 from realtime_runtime.security import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
 
@@ -65,9 +65,7 @@ class Feed(Protocol):
         subscribed; each is read only after the last was written."""
         ...
 
-    def fresh(
-        self, batch: list[tuple[RelayedEvent, bytes]]
-    ) -> list[tuple[RelayedEvent, bytes]]: ...
+    def fresh(self, batch: list[tuple[Queued, bytes]]) -> list[tuple[Queued, bytes]]: ...
 
     def history_lost(self) -> bytes:
         """The reset frame; the stream starts again from the new history."""
@@ -253,7 +251,8 @@ class EventStreamResponse(Response):
                     sent.inc(len(fresh))
                     await self._write(write, joined(fresh), loop)
                     for event, _frame in fresh:
-                        written(event)
+                        if not isinstance(event, PresenceItem):  # only events have a latency
+                            written(event)
             elif self._heartbeat_due:
                 self._heartbeat_due = False
                 await self._write(write, HEARTBEAT, loop)

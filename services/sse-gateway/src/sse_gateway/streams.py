@@ -10,8 +10,9 @@ import orjson
 from envelope.codec import RelayedEvent
 from envelope.cursors import board_cursor, parse_activity_cursor, parse_board_cursor, stream_id_key
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from realtime_runtime.feed import ActivityHub, Replay, Subscription
+from realtime_runtime.feed import ActivityHub, Queued, Replay, Subscription
 from realtime_runtime.observability import DeliveryTracker
+from realtime_runtime.presence import PresenceItem
 from realtime_runtime.service import delivery_latency_histogram
 from sse_starlette import ServerSentEvent
 
@@ -149,11 +150,17 @@ class BoardFeed:
                 self._metrics.replayed.inc(len(page))
                 yield b"".join(board_frame(event) for event in page)
 
-    def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
-        last = self._last
-        # Presence frames (sequence 0) are never replayed, so never duplicates.
-        fresh = [(e, f) for e, f in batch if e.sequence > last or not e.sequence] if last else batch
-        self._last = max((e.sequence for e, _f in fresh), default=last)
+    def fresh(self, batch: list[tuple[Queued, bytes]]) -> list[tuple[Queued, bytes]]:
+        last = newest = self._last
+        fresh: list[tuple[Queued, bytes]] = []
+        for item in batch:
+            event = item[0]
+            if isinstance(event, PresenceItem):
+                fresh.append(item)  # never replayed, so never a duplicate; moves no position
+            elif event.sequence > last or not last:
+                fresh.append(item)
+                newest = max(newest, event.sequence)
+        self._last = newest
         return fresh
 
     def history_lost(self) -> bytes:
@@ -200,11 +207,16 @@ class ActivityFeed:
                 self._metrics.replayed.inc(len(page))
                 yield b"".join(activity_frame(event) for event in page)
 
-    def fresh(self, batch: list[tuple[RelayedEvent, bytes]]) -> list[tuple[RelayedEvent, bytes]]:
+    def fresh(self, batch: list[tuple[Queued, bytes]]) -> list[tuple[Queued, bytes]]:
         seam = self._seam
         if seam is None:
             return batch
-        batch = [(e, f) for e, f in batch if stream_id_key(e.stream_id) > seam]
+        # Presence reaches board streams only; kept for the type's sake, never a duplicate.
+        batch = [
+            (e, f)
+            for e, f in batch
+            if isinstance(e, PresenceItem) or stream_id_key(e.stream_id) > seam
+        ]
         if batch:
             self._seam = None  # past the replay: no more overlap
         return batch
@@ -214,6 +226,6 @@ class ActivityFeed:
         return history_lost_frame(None)
 
 
-def joined(batch: list[tuple[RelayedEvent, bytes]]) -> bytes:
+def joined(batch: list[tuple[Queued, bytes]]) -> bytes:
     """Frames already encoded once per process, written to this stream in one chunk."""
     return batch[0][1] if len(batch) == 1 else b"".join(frame for _event, frame in batch)

@@ -20,6 +20,7 @@ from realtime_runtime.feed.store import (
 )
 from realtime_runtime.feed.subscription import (
     HistoryLost,
+    Queued,
     SlowConsumer,
     StreamInterrupted,
     Subscription,
@@ -32,6 +33,7 @@ __all__ = [
     "ActivityHub",
     "ActivityStore",
     "HistoryLost",
+    "Queued",
     "RedisActivityStore",
     "Replay",
     "SlowConsumer",

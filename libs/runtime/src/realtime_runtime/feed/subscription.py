@@ -1,17 +1,24 @@
-"""One client's bounded queue of relayed events, and the ways a subscription is interrupted."""
+"""One client's bounded queue of relayed events (and presence frames), and the ways a
+subscription is interrupted."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, TypeAlias, TypeVar, cast
 
 from envelope.codec import RelayedEvent
+
+from realtime_runtime.presence import PresenceItem
 
 if TYPE_CHECKING:
     from realtime_runtime.feed.hub import ActivityHub
 
 T = TypeVar("T")
+
+# What a subscription queues: a board's event, or a presence frame on one of its boards.
+# Readers tell them apart with one `isinstance`; only events carry a sequence or a cursor.
+Queued: TypeAlias = RelayedEvent | PresenceItem
 
 
 class StreamInterrupted(Exception):
@@ -34,7 +41,7 @@ _HISTORY_LOST = RelayedEvent("0-0", "", 0, b"")
 
 
 class Subscription(Generic[T]):
-    """One client's bounded queue of (event, rendered bytes).
+    """One client's bounded queue of (event or presence item, rendered bytes).
 
     A list and at most one waiting future: an idle subscription holds no `asyncio.Queue`
     (with its two waiter deques) and no `asyncio.Event`, which matters at 10,000 streams.
@@ -70,7 +77,7 @@ class Subscription(Generic[T]):
         self._board = board
         # A list, not a deque: an empty deque allocates a 64-slot block, an empty list nothing,
         # and a reader takes everything queued at once.
-        self._items: list[tuple[RelayedEvent, T]] = []
+        self._items: list[tuple[Queued, T]] = []
         self._history_lost_queued = False
         self._waiter: asyncio.Future[None] | None = None
         # Called once when the queue overflows: a writer stuck in a send is not waiting on
@@ -90,7 +97,7 @@ class Subscription(Generic[T]):
     def queued(self) -> int:
         return len(self._items)
 
-    def offer(self, event: RelayedEvent, rendered: T) -> None:
+    def offer(self, event: Queued, rendered: T) -> None:
         if self.overflowed:
             return
         if len(self._items) >= self.maxsize:
@@ -123,7 +130,7 @@ class Subscription(Generic[T]):
         finally:
             self._waiter = None
 
-    def take_batch(self, limit: int) -> list[tuple[RelayedEvent, T]]:
+    def take_batch(self, limit: int) -> list[tuple[Queued, T]]:
         """What is queued now (at most `limit`), in order; empty if nothing is.
 
         Raises `SlowConsumer` once the queue overflowed, and `HistoryLost` in band: after the
@@ -149,10 +156,10 @@ class Subscription(Generic[T]):
         batch, self._items = items[:end], items[end:]
         return batch
 
-    async def next(self) -> tuple[RelayedEvent, T]:
+    async def next(self) -> tuple[Queued, T]:
         return (await self.next_batch(1))[0]
 
-    async def next_batch(self, limit: int) -> list[tuple[RelayedEvent, T]]:
+    async def next_batch(self, limit: int) -> list[tuple[Queued, T]]:
         """The next item and whatever else is already queued (at most `limit`), in order.
 
         A writer that wakes once for several events writes them in one go, instead of

@@ -7,16 +7,17 @@ causes on the presence channel, so a member joins once and leaves once however m
 connections it has on however many replicas, and every process hears a board's changes in
 the order they happened.
 
-Each instance beats (`RedisKeys.presence_instances`: instance → expiry in ms) and lists the
-boards it holds. Any instance reaps one whose expiry passed: a claim (only one reaper wins
-it), then one step per board that drops the dead instance's connections and sends the leaves.
-Reads count only connections of instances that are alive, even before a reap.
+Each instance beats (`RedisKeys.presence_instances`: instance → expiry in ms), lists the
+boards it holds and writes each of its members again, all in one transaction: one round trip
+however many members it has. Any instance reaps one whose expiry passed: a claim (only one
+reaper wins it), then one step per board that drops the dead instance's connections and
+sends the leaves. Reads count only connections of instances that are alive, even before a reap.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import cast
 
 import orjson
@@ -26,6 +27,8 @@ from envelope.presence import member_json
 from envelope.topology import RedisKeys
 from limits.aio.storage import RedisStorage, Storage
 from realtime_runtime.presence import RedisPresenceChanges
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from ingress_ws.settings import IngressSettings
 
@@ -116,13 +119,56 @@ class RedisPresence:
         await self._set_member(keys, [*args, field, member.id, connections, member_json(member)])
 
     async def heartbeat(self, instance: str, boards: Collection[str], expires_in: float) -> None:
-        held = self._keys.presence_instance_boards(instance)
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._keys.presence_instances, {instance: _now_ms() + expires_in * 1000})
-            pipe.delete(held)
-            if boards:
-                pipe.sadd(held, *boards)
+            self._queue_heartbeat(pipe, instance, boards, expires_in)
             await pipe.execute()
+
+    async def beat(
+        self,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+        expires_in: float,
+    ) -> None:
+        """`heartbeat` with `members`' boards, and `set_member` for each, in one round trip."""
+        try:
+            await self._beat(instance, members, expires_in)
+        except NoScriptError:
+            # Redis lost its scripts (a restart): load it, then beat again (every write is an
+            # absolute count, so any that went through are simply written twice).
+            await self._client.script_load(SET_MEMBER)
+            await self._beat(instance, members, expires_in)
+
+    async def _beat(
+        self,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+        expires_in: float,
+    ) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            self._queue_heartbeat(pipe, instance, members, expires_in)
+            for board_id, held in members.items():
+                keys, args = self._board(board_id)
+                for member, connections in held:
+                    field = f"{instance}:{member.id}"
+                    # EVALSHA, not the `Script`: a pipeline holding a `Script` first asks
+                    # `SCRIPT EXISTS`, a second round trip on every beat.
+                    pipe.evalsha(
+                        self._set_member.sha,
+                        len(keys),
+                        *keys,
+                        *args,
+                        *(field, member.id, connections, member_json(member)),
+                    )
+            await pipe.execute()
+
+    def _queue_heartbeat(
+        self, pipe: Pipeline, instance: str, boards: Collection[str], expires_in: float
+    ) -> None:
+        held = self._keys.presence_instance_boards(instance)
+        pipe.zadd(self._keys.presence_instances, {instance: _now_ms() + expires_in * 1000})
+        pipe.delete(held)
+        if boards:
+            pipe.sadd(held, *boards)
 
     async def forget(self, instance: str) -> None:
         """A clean stop: the instance's members leave now rather than when it expires."""
