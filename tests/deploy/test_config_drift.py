@@ -136,6 +136,7 @@ CONTRACT_VARIABLES: dict[str, tuple[frozenset[str], object]] = {
     "ADVANCED_BOARD_CHANNEL": (EVERY, "advanced:board"),
     "ADVANCED_ACTIVITY_CHANNEL": (EVERY, "advanced:activity"),
     "ADVANCED_REDIS_URL": (EVERY, "redis://localhost:6379/2"),
+    "ADVANCED_REDIS_MODE": (EVERY, "standalone"),
     "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS": (frozenset({WORKER}), 300),
     "ADVANCED_RABBITMQ_EXCHANGE": (RABBITMQ, "advanced.board.events"),
     "ADVANCED_RABBITMQ_QUEUE": (RABBITMQ, "advanced.board.events"),
@@ -147,7 +148,7 @@ CONTRACT_VARIABLES: dict[str, tuple[frozenset[str], object]] = {
 }
 # Contract section 9's Redis Cluster mode, which no service implements yet: move each into
 # the table above with its readers when one does.
-CONTRACT_VARIABLES_NOT_YET_READ = {"ADVANCED_REDIS_MODE", "ADVANCED_REDIS_MIN_REPLICAS"}
+CONTRACT_VARIABLES_NOT_YET_READ = {"ADVANCED_REDIS_MIN_REPLICAS"}
 
 
 def default_of(settings: type[BaseSettings], variable: str) -> object:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from envelope.topology import QUORUM_DELIVERY_LIMIT
+from envelope.topology import ACTIVITY_PARTS, QUORUM_DELIVERY_LIMIT, RedisKeys, activity_part_of
 from realtime_runtime.settings import RabbitMQSettings, RedisSettings
 
 
@@ -17,7 +17,7 @@ def test_a_board_always_routes_to_the_same_partition_queue() -> None:
 def test_every_redis_name_carries_the_prefix() -> None:
     keys = RedisSettings(_env_file=None, redis_key_prefix="p:").redis_keys
     names = [
-        keys.activity_stream,
+        *keys.activity_streams,
         keys.board_stream("b"),
         keys.sequence("b"),
         keys.idempotency("b", "c"),
@@ -66,3 +66,26 @@ def test_quorum_queues_dead_letter_at_least_once_with_an_explicit_delivery_limit
     }
     assert topology.dlq_queue_arguments == {"x-queue-type": "quorum"}
     assert QUORUM_DELIVERY_LIMIT > 20  # RabbitMQ 4's default, which would reorder after 20
+
+
+def test_a_board_s_keys_its_channel_and_its_activity_part_share_one_hash_tag() -> None:
+    keys = RedisSettings(_env_file=None).redis_keys
+    boards = [f"board-{n}" for n in range(400)]
+    assert {activity_part_of(board) for board in boards} == set(range(ACTIVITY_PARTS))
+    for board in boards[:50]:
+        tag = RedisKeys.tag(activity_part_of(board))
+        names = [
+            keys.board_stream(board),
+            keys.sequence(board),
+            keys.epoch(board),
+            keys.idempotency(board, "key"),
+            keys.activity_stream(activity_part_of(board)),
+            keys.board_events_channel(board),
+            keys.activity_part_channel(activity_part_of(board)),
+        ]
+        assert all(tag in name and name.count("{") == 1 for name in names)
+    channels = {keys.board_events_channel(b) for b in boards} | {
+        keys.activity_part_channel(p) for p in range(ACTIVITY_PARTS)
+    }
+    assert len(channels) == len(boards) + ACTIVITY_PARTS
+    assert keys.presence_channel not in channels

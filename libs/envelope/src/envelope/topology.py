@@ -83,16 +83,52 @@ class Topology:
         return quorum
 
 
+# The relay step of a board writes its keys and one part of the activity stream in one Lua
+# call, which Redis Cluster runs only when every key is in one hash slot. So a board's keys and
+# its part of the activity stream share the part's hash tag, `{part-N}`: the activity stream
+# (and its pub/sub channel) is split in `ACTIVITY_PARTS` parts, a board's events all in one.
+# Changing the number re-homes every board: it is part of the key layout, not a setting.
+ACTIVITY_PARTS = 16
+
+
+def activity_part_of(board_id: str) -> int:
+    """The part of the activity stream (and the hash tag) a board's keys live under."""
+    return zlib.crc32(board_id.encode()) % ACTIVITY_PARTS
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
-    """Redis names. Every key and stream carries `prefix`; channels are named in full."""
+    """Redis names. Every key and stream carries `prefix`; channels are named in full.
+
+    A board's keys, its per-board channel and its part's stream and channel all carry the
+    part's hash tag (`{part-N}`), so one relay step stays in one Redis Cluster slot.
+    """
 
     prefix: str
     activity_channel: str
 
+    @staticmethod
+    def tag(part: int) -> str:
+        return f"{{part-{part}}}"
+
+    def _board(self, board_id: str) -> str:
+        return f"{self.prefix}{self.tag(activity_part_of(board_id))}:board:{board_id}"
+
+    def activity_stream(self, part: int) -> str:
+        """One part of the activity stream: every event of the boards of that part."""
+        return f"{self.prefix}{self.tag(part)}:activity"
+
     @property
-    def activity_stream(self) -> str:
-        return f"{self.prefix}activity"
+    def activity_streams(self) -> list[str]:
+        return [self.activity_stream(part) for part in range(ACTIVITY_PARTS)]
+
+    def activity_part_channel(self, part: int) -> str:
+        """The live frames of one part of the activity stream (the `/sse/activity` firehose)."""
+        return f"{self.activity_channel}:{self.tag(part)}"
+
+    def board_events_channel(self, board_id: str) -> str:
+        """The live frames of one board: what an edge with clients of that board listens to."""
+        return f"{self.activity_part_channel(activity_part_of(board_id))}:{board_id}"
 
     @property
     def presence_channel(self) -> str:
@@ -103,17 +139,17 @@ class RedisKeys:
         return f"{self.prefix}workers"
 
     def board_stream(self, board_id: str) -> str:
-        return f"{self.prefix}board:{board_id}:events"
+        return f"{self._board(board_id)}:events"
 
     def sequence(self, board_id: str) -> str:
-        return f"{self.prefix}board:{board_id}:seq"
+        return f"{self._board(board_id)}:seq"
 
     def epoch(self, board_id: str) -> str:
-        return f"{self.prefix}board:{board_id}:epoch"
+        return f"{self._board(board_id)}:epoch"
 
     def idempotency(self, board_id: str, idempotency_key: str) -> str:
         """The relay's marker for an envelope's `idempotency_key`."""
-        return f"{self.prefix}board:{board_id}:seen:{idempotency_key}"
+        return f"{self._board(board_id)}:seen:{idempotency_key}"
 
     def presence(self, board_id: str) -> str:
         """Hash: `<instance>:<member id>` → that member's connections on that instance.

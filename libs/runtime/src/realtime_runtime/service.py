@@ -14,6 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 import structlog
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,18 +38,36 @@ log = structlog.get_logger("realtime_runtime.service")
 REDIS_HEALTH_CHECK_SECONDS = 5
 
 
-def redis_client(settings: RedisSettings) -> redis.Redis:
-    """The Redis client of an edge, with its timeouts set rather than redis-py's defaults
+RedisClient = redis.Redis | RedisCluster
+"""A standalone client or a cluster one (`ADVANCED_REDIS_MODE`): both run the commands, scripts
+and non-transactional pipelines the suite sends; pub/sub and transactions differ and are
+chosen where they are used (`realtime_runtime.pubsub`)."""
+
+
+def redis_client(settings: RedisSettings, **overrides: Any) -> RedisClient:
+    """The Redis client of a process, with its timeouts set rather than redis-py's defaults
     (none): a command on a Redis that stopped answering fails after
     `ADVANCED_REDIS_SOCKET_TIMEOUT_SECONDS`, a connect after `..._CONNECT_TIMEOUT_SECONDS`, and
     a connection idle past the health-check interval is checked before it is used. The
-    pub/sub feed reads with its own, shorter timeouts, so an idle channel is not an error."""
-    return redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_timeout=settings.redis_socket_timeout_seconds,
-        socket_connect_timeout=settings.redis_connect_timeout_seconds,
-        health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
-    )
+    pub/sub feed reads with its own, shorter timeouts, so an idle channel is not an error.
+
+    In cluster mode the seeds are every node of the URL: the first that answers gives the
+    slot map, and redis-py follows it (MOVED, failovers) from then on. `overrides` are passed
+    to the client as they are (the worker's own timeouts, for example).
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout_seconds,
+        "socket_connect_timeout": settings.redis_connect_timeout_seconds,
+        "health_check_interval": REDIS_HEALTH_CHECK_SECONDS,
+        **overrides,
+    }
+    first, *others = settings.redis_nodes
+    if settings.redis_mode == "standalone":
+        return redis.from_url(first, **options)
+    seeds = [
+        ClusterNode(url.hostname or "localhost", url.port or 6379) for url in map(urlsplit, others)
+    ]
+    return RedisCluster.from_url(first, startup_nodes=seeds or None, **options)
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:

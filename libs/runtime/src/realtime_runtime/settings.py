@@ -151,6 +151,10 @@ class RedisSettings(SettingsPart):
     """Where Redis is and the names every service shares in it."""
 
     redis_url: SecretStr = SecretStr("redis://localhost:6379/2")
+    # standalone: one Redis (or a primary behind a stable address). cluster: Redis Cluster,
+    # `redis_url` naming one or more seed nodes, comma-separated; every key of one relay step
+    # shares a hash tag (`envelope.topology.RedisKeys`), and live frames go by sharded pub/sub.
+    redis_mode: Literal["standalone", "cluster"] = "standalone"
     redis_key_prefix: str = "advanced:"
     # The seed's section 6 names it ("logical identifier used in payload metadata"); no code
     # reads it today, and it stays so that a deployment setting it is not told it is unknown.
@@ -161,6 +165,34 @@ class RedisSettings(SettingsPart):
     # whatever waits on it, for ever).
     redis_socket_timeout_seconds: float = Field(default=10, gt=0)
     redis_connect_timeout_seconds: float = Field(default=5, gt=0)
+
+    @model_validator(mode="after")
+    def _check_redis_nodes(self) -> Self:
+        nodes = [node.strip() for node in self.redis_url.get_secret_value().split(",")]
+        if not all(node.startswith(("redis://", "rediss://")) for node in nodes):
+            raise ValueError(
+                "ADVANCED_REDIS_URL must be redis:// or rediss:// URLs (comma-separated seed "
+                "nodes in cluster mode)"
+            )
+        if self.redis_mode == "standalone" and len(nodes) > 1:
+            raise ValueError(
+                "ADVANCED_REDIS_URL names several nodes: set ADVANCED_REDIS_MODE=cluster for a "
+                "Redis Cluster (a standalone Redis is one URL)"
+            )
+        if self.redis_mode == "cluster":
+            for node in nodes:
+                database = node.split("//", 1)[1].partition("/")[2].partition("?")[0]
+                if database not in ("", "0"):
+                    raise ValueError(
+                        "ADVANCED_REDIS_URL: Redis Cluster has only database 0; drop the "
+                        f"'/{database}' from the seed URLs (ADVANCED_REDIS_KEY_PREFIX separates "
+                        "deployments)"
+                    )
+        return self
+
+    @property
+    def redis_nodes(self) -> list[str]:
+        return [node.strip() for node in self.redis_url.get_secret_value().split(",")]
 
     @property
     def redis_keys(self) -> RedisKeys:
