@@ -2,7 +2,7 @@
 # Offline checks of the deploy artefacts (CI and `just lint-deploy`):
 #   1. hadolint on every service Dockerfile;
 #   2. compose: `config -q` passes with ADVANCED_REALTIME_TOKEN set (also with CI's override,
-#      and for the RabbitMQ cluster variant), and must fail without it;
+#      and for the RabbitMQ and Redis cluster variants), and must fail without it;
 #   3. Kubernetes: each overlay, and prod with the KEDA component and with the RabbitMQ cluster
 #      component, rendered by kustomize and validated strictly against the oldest and newest
 #      supported Kubernetes schemas, then checked for dangling references
@@ -58,6 +58,17 @@ ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
   "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${cluster_files[@]}" \
   -f deploy/compose/compose.ci.yaml -f deploy/compose/compose.rabbitmq-cluster.ci.yaml config -q
 echo "ok: valid with deploy/compose/compose.rabbitmq-cluster.yaml (and its CI override)"
+# The six-node Redis Cluster variant, alone, with its CI override, and on the RabbitMQ cluster.
+redis_cluster_files=(-f deploy/compose/compose.redis-cluster.yaml)
+ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
+  "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${redis_cluster_files[@]}" config -q
+ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
+  "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${redis_cluster_files[@]}" \
+  -f deploy/compose/compose.ci.yaml -f deploy/compose/compose.redis-cluster.ci.yaml config -q
+ADVANCED_REALTIME_TOKEN=check-deploy-placeholder \
+  "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" "${cluster_files[@]}" \
+  "${redis_cluster_files[@]}" config -q
+echo "ok: valid with deploy/compose/compose.redis-cluster.yaml (its CI override, and with the RabbitMQ cluster)"
 if env -u ADVANCED_REALTIME_TOKEN \
   "${compose[@]}" --env-file deploy/compose/.env.example -f "$compose_file" config -q \
   2>"$work/compose.err"; then

@@ -56,3 +56,22 @@ def test_the_cluster_ci_override_sets_image_names_of_the_clusters_new_containers
     assert {CLUSTER["services"][n]["image"] for n in added} == {
         COMPOSE["services"]["rabbitmq"]["image"]
     }
+
+
+REDIS_CLUSTER = yaml.safe_load((REPO / "deploy/compose/compose.redis-cluster.yaml").read_text())
+REDIS_CLUSTER_OVERRIDE = yaml.safe_load(
+    (REPO / "deploy/compose/compose.redis-cluster.ci.yaml").read_text()
+)
+
+
+def test_the_redis_cluster_ci_override_sets_image_names_of_its_new_containers_only() -> None:
+    assert set(REDIS_CLUSTER_OVERRIDE) == {"services"}, set(REDIS_CLUSTER_OVERRIDE)
+    for name, service in REDIS_CLUSTER_OVERRIDE["services"].items():
+        assert set(service) == {"image"}, f"compose.redis-cluster.ci.yaml: {name} sets {service}"
+        assert service["image"] == OVERRIDE["services"]["redis"]["image"], (name, service)
+    added = {n for n, s in REDIS_CLUSTER["services"].items() if "image" in s}
+    assert set(REDIS_CLUSTER_OVERRIDE["services"]) == added
+    assert not added & set(COMPOSE["services"])
+    assert {REDIS_CLUSTER["services"][n]["image"] for n in added} == {
+        COMPOSE["services"]["redis"]["image"]
+    }

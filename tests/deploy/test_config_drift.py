@@ -269,6 +269,23 @@ def test_the_rabbitmq_cluster_variant_sets_only_variables_each_service_reads() -
         assert hosts == {"rabbitmq", "rabbitmq-2", "rabbitmq-3"}, (name, hosts)
 
 
+def test_the_redis_cluster_variant_sets_only_variables_each_service_reads() -> None:
+    """compose.redis-cluster.yaml, merged over compose.yaml: every suite service gets cluster
+    mode and the six nodes as seeds, on database 0; the worker waits for one replica."""
+    cluster: dict[str, Any] = load_yaml(COMPOSE_DIR / "compose.redis-cluster.yaml")["services"]
+    for name, reads in READ_BY.items():
+        environment = compose_environment(cluster[name])
+        assert environment <= reads, f"{name} ignores {sorted(environment - reads)}"
+        env = cluster[name]["environment"]
+        assert env["ADVANCED_REDIS_MODE"] == "cluster", name
+        seeds = env["ADVANCED_REDIS_URL"].split(",")
+        hosts = {url.split("@", 1)[1].split(":", 1)[0] for url in seeds}
+        assert hosts == {"redis", *(f"redis-{n}" for n in range(2, 7))}, (name, hosts)
+        assert all(url.endswith(":6379/0") for url in seeds), (name, seeds)
+    assert cluster[WORKER]["environment"]["ADVANCED_REDIS_MIN_REPLICAS"] == "1"
+    assert not {"ADVANCED_REDIS_MIN_REPLICAS"} & compose_environment(cluster[INGRESS])
+
+
 def test_compose_runs_the_services_as_production() -> None:
     services = compose_services()
     for name in READ_BY:

@@ -97,3 +97,30 @@ def test_compose_redis_has_a_password_and_fsyncs_every_write() -> None:
     for name in SERVICES:
         url = compose["services"][name]["environment"]["ADVANCED_REDIS_URL"]
         assert url.startswith("redis://:${REDIS_PASSWORD"), url  # the password rides in the URL
+
+
+def test_compose_redis_cluster_nodes_persist_authenticate_and_keep_their_addresses() -> None:
+    """Six nodes, each with the single node's persistence and password (and `masterauth`, or
+    a replica cannot follow its master), announcing the fixed address it has on the network."""
+    cluster = yaml.safe_load((COMPOSE.parent / "compose.redis-cluster.yaml").read_text())
+    nodes = ["redis", *(f"redis-{n}" for n in range(2, 7))]
+    addresses = set()
+    for name in nodes:
+        node = cluster["services"][name]
+        command = " ".join(node["command"])
+        for flag in ("--cluster-enabled yes", "--appendonly yes", "--appendfsync always"):
+            assert flag in command, (name, flag)
+        assert "--requirepass" in command and "--masterauth" in command, name
+        assert '--cluster-announce-ip "$$REDIS_NODE_IP"' in command, name
+        address = node["networks"]["default"]["ipv4_address"]
+        assert node["environment"]["REDIS_NODE_IP"] == address, name
+        volume = node["volumes"][0].split(":", 1)[0]
+        assert volume in cluster["volumes"], (name, volume)
+        addresses.add(address)
+    assert len(addresses) == len(nodes)
+    create = " ".join(cluster["services"]["redis-cluster-create"]["command"])
+    assert "--cluster create" in create and "--cluster-replicas 1" in create
+    assert set(cluster["services"]["redis-cluster-create"]["depends_on"]) == set(nodes)
+    for name in SERVICES:
+        waits = cluster["services"][name]["depends_on"]["redis-cluster-create"]
+        assert waits == {"condition": "service_completed_successfully"}, name
