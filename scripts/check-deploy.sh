@@ -3,10 +3,10 @@
 #   1. hadolint on every service Dockerfile;
 #   2. compose: `config -q` passes with ADVANCED_REALTIME_TOKEN set (also with CI's override,
 #      and for the RabbitMQ and Redis cluster variants), and must fail without it;
-#   3. Kubernetes: each overlay, and prod with the KEDA component and with the RabbitMQ cluster
-#      component, rendered by kustomize and validated strictly against the oldest and newest
-#      supported Kubernetes schemas, then checked for dangling references
-#      (scripts/check_manifest_refs.py);
+#   3. Kubernetes: each overlay, and prod with the KEDA component, the RabbitMQ cluster
+#      component and the Redis Cluster component, rendered by kustomize and validated
+#      strictly against the oldest and newest supported Kubernetes schemas, then checked for
+#      dangling references (scripts/check_manifest_refs.py);
 #   4. uv lock --check.
 # Every tool is pinned and run through uv, so a fresh machine needs uv and nothing else.
 set -euo pipefail
@@ -102,10 +102,13 @@ else
   cp -R "$work/k8s/overlays/prod" "$work/k8s/overlays/prod-rabbitmq"
   printf '\ncomponents:\n  - ../../components/rabbitmq-cluster\n' \
     >>"$work/k8s/overlays/prod-rabbitmq/kustomization.yaml"
+  cp -R "$work/k8s/overlays/prod" "$work/k8s/overlays/prod-redis-cluster"
+  printf '\ncomponents:\n  - ../../components/redis-cluster\n' \
+    >>"$work/k8s/overlays/prod-redis-cluster/kustomization.yaml"
 
   version_args=()
   for version in "${k8s_versions[@]}"; do version_args+=(-k "$version"); done
-  for target in dev prod prod-keda prod-rabbitmq; do
+  for target in dev prod prod-keda prod-rabbitmq prod-redis-cluster; do
     rendered="$work/$target.yaml"
     "${kubectl[@]}" kustomize "$work/k8s/overlays/$target" >"$rendered"
     report=$("${validate[@]}" "${version_args[@]}" "$rendered") \
