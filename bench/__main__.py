@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         "--targets",
         default="baseline,suite",
         help="comma-separated: baseline, suite, suite-quorum (the suite on a private "
-        "three-node RabbitMQ cluster with quorum queues)",
+        "three-node RabbitMQ cluster with quorum queues), suite-redis-cluster (the suite on a "
+        "private six-node Redis Cluster, ADVANCED_REDIS_MIN_REPLICAS=1)",
     )
     parser.add_argument("--repeats", type=int, help="override the repeats of every scenario")
     parser.add_argument("--idle-connections", type=int, help="override the idle scenario's N")

@@ -217,7 +217,6 @@ class SuiteDeployment(Deployment):
     async def _cleanup(self) -> None:
         """Delete this deployment's queues, exchanges and keys (nobody else's)."""
         import aio_pika
-        import redis.asyncio as redis
 
         connection = await aio_pika.connect(self.rabbitmq_url.split(",")[0])
         async with connection:
@@ -234,6 +233,11 @@ class SuiteDeployment(Deployment):
                     await channel.exchange_delete(exchange)
                 except Exception:
                     channel = await connection.channel()
+        await self._cleanup_redis()
+
+    async def _cleanup_redis(self) -> None:
+        import redis.asyncio as redis
+
         client = redis.Redis.from_url(REDIS_URL)
         try:
             keys = [key async for key in client.scan_iter(match=f"{self.tag}:*", count=1000)]
@@ -326,7 +330,58 @@ class QuorumSuiteDeployment(SuiteDeployment):
         return found
 
 
-TARGETS = {"suite": SuiteDeployment, "suite-quorum": QuorumSuiteDeployment}
+class RedisClusterSuiteDeployment(SuiteDeployment):
+    """The suite on a private six-node Redis Cluster (three masters, one replica each), in
+    cluster mode with the worker waiting for one replica per relay step
+    (ADVANCED_REDIS_MIN_REPLICAS=1), on the shared RabbitMQ. The cluster
+    (tests/support/redis_cluster.py) boots once per benchmark process and is killed at exit,
+    so its keys need no cleanup.
+    """
+
+    kind = "suite-redis-cluster"
+    _cluster: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        for process in self.processes.values():
+            process.env |= {
+                "ADVANCED_REDIS_MODE": "cluster",
+                "ADVANCED_REDIS_URL": self.cluster().seed_urls(),
+                "ADVANCED_REDIS_MIN_REPLICAS": "1",
+            }
+
+    @classmethod
+    def cluster(cls) -> Any:
+        if cls._cluster is None:
+            tests = str(Path(__file__).resolve().parents[1] / "tests")
+            if tests not in sys.path:
+                sys.path.append(tests)
+            from support.redis_cluster import LocalRedisCluster
+
+            directory = Path(tempfile.mkdtemp(prefix="bench-redis-cluster-"))
+            cls._cluster = LocalRedisCluster(directory).start()
+            atexit.register(cls._cluster.close)
+        return cls._cluster
+
+    async def _cleanup_redis(self) -> None:
+        return None
+
+    def broker_processes(self) -> dict[str, psutil.Process] | None:
+        found = {}
+        for n, node in enumerate(self.cluster().nodes):
+            if node.running():
+                found[f"redis-{n + 1}"] = psutil.Process(node.process.pid)
+        rabbitmq = listening_process(RABBITMQ_URL)
+        if rabbitmq is not None:
+            found["rabbitmq"] = rabbitmq
+        return found
+
+
+TARGETS: dict[str, type[SuiteDeployment]] = {
+    "suite": SuiteDeployment,
+    "suite-quorum": QuorumSuiteDeployment,
+    "suite-redis-cluster": RedisClusterSuiteDeployment,
+}
 
 
 def deployment(kind: str) -> Deployment:
@@ -334,4 +389,4 @@ def deployment(kind: str) -> Deployment:
         return BaselineDeployment()
     if kind in TARGETS:
         return TARGETS[kind]()
-    raise ValueError(f"unknown target {kind!r}: use 'suite', 'suite-quorum' or 'baseline'")
+    raise ValueError(f"unknown target {kind!r}: use 'baseline' or one of {sorted(TARGETS)}")

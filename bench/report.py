@@ -300,7 +300,12 @@ def plot(results: Result, path: Path) -> None:
 
     scenarios = results["scenarios"]
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colours = {"suite": "tab:blue", "baseline": "tab:orange", "suite-quorum": "tab:green"}
+    colours = {
+        "suite": "tab:blue",
+        "baseline": "tab:orange",
+        "suite-quorum": "tab:green",
+        "suite-redis-cluster": "tab:red",
+    }
     panels = (
         ("max_rate", "rate_target", "publish rate (msg/s), 1 WS + 1 SSE"),
         ("fanout", "sse_subscribers", "SSE subscribers at 50 msg/s"),
