@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from chaos.harness import (
     Ledger,
     Sender,
     listen,
+    metric,
     report,
     scrape,
     start_all,
@@ -146,6 +149,29 @@ class DeliveryClock:
         return inside[-1] - inside[0] if inside else 0
 
 
+@dataclass
+class PausedPartitions:
+    """Samples `advanced_worker_partitions_paused` summed over the workers: the pause that
+    ADVANCED_REDIS_MIN_REPLICAS=1 makes while a master has no replica to confirm a step."""
+
+    workers: list[Service]
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+    def paused(self) -> float:
+        return sum(
+            metric(scrape(worker), "advanced_worker_partitions_paused") for worker in self.workers
+        )
+
+    async def run(self, every: float = 0.5) -> None:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                self.samples.append((time.monotonic(), await asyncio.to_thread(self.paused)))
+            await asyncio.sleep(every)
+
+    def most_between(self, since: float, until: float) -> float:
+        return max((n for t, n in self.samples if since <= t <= until), default=0.0)
+
+
 def worker_outcomes(workers: list[Service]) -> dict[str, float]:
     """`advanced_worker_*` counters summed over the workers, by sample name."""
     summed: collections.Counter[str] = collections.Counter()
@@ -180,6 +206,8 @@ async def flow_through_a_node_fault(
     listeners = listen(ledger, [ingresses[1], ingresses[0]], gateway, BOARDS)
     clock = DeliveryClock(ledger, frozenset(faulted_boards))
     clocking = asyncio.create_task(clock.run())
+    pauses = PausedPartitions(workers)
+    sampling = asyncio.create_task(pauses.run())
     senders = [Sender(ledger, ws_url(ingresses[i % 2], b), b) for i, b in enumerate(BOARDS)]
     events: list[str] = []
     for sender in senders:
@@ -223,7 +251,7 @@ async def flow_through_a_node_fault(
         await ledger.wait_complete(120)
         drained_for = time.monotonic() - started
     finally:
-        failed = await stop_tasks([*listeners, clocking])
+        failed = await stop_tasks([*listeners, clocking, sampling])
         for sender in senders:
             await sender.__aexit__(None, None, None)
         if killed is not None and not killed.running():
@@ -242,6 +270,8 @@ async def flow_through_a_node_fault(
         faulted_boards_delivered_between_kill_and_restart=clock.delivered_between(
             killed_at, restart_at
         ),
+        partitions_paused_at_most_before_restart=pauses.most_between(settled_at, restarted_at),
+        partitions_paused_at_the_end=pauses.samples[-1][1] if pauses.samples else None,
         faulted_boards_longest_gap_seconds=clock.longest_gap(killed_at, restarted_at + 5),
         seconds_from_kill_to_cluster_settled=round(settled_at - killed_at, 1),
         seconds_to_send=round(sent_for, 1),
@@ -250,6 +280,8 @@ async def flow_through_a_node_fault(
         worker_counters=worker_outcomes(workers),
     )
     assert not failed, failed
+    # Without a replica to confirm them, the steps to that master wait: partitions pause.
+    assert pauses.most_between(settled_at, restarted_at) >= 1, pauses.samples
     # The restarted node serves the faulted boards' master as its replica again.
     assert victim.address in {n.address for n in replicas_after}, replicas_after
     assert len(ledger.acked) == TOTAL and not ledger.refused, ledger.refused[:3]
