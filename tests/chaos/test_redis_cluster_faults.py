@@ -172,6 +172,14 @@ class PausedPartitions:
         return max((n for t, n in self.samples if since <= t <= until), default=0.0)
 
 
+def progress(ledger: Ledger) -> str:
+    seen = sum(len(v) for v in ledger.seen.values())
+    return (
+        f"sent={len(ledger.sent)} acked={len(ledger.acked)} unavailable={ledger.unavailable} "
+        f"refused={len(ledger.refused)} seen={seen} closed={len(ledger.closed)}"
+    )
+
+
 def worker_outcomes(workers: list[Service]) -> dict[str, float]:
     """`advanced_worker_*` counters summed over the workers, by sample name."""
     summed: collections.Counter[str] = collections.Counter()
@@ -224,34 +232,42 @@ async def flow_through_a_node_fault(
         def now() -> float:
             return round(time.monotonic() - started, 1)
 
-        async def at(fraction: float) -> str:
+        def note(event: str) -> None:
+            # As it happens: a run that stalls shows how far it got.
+            print(f"{now():>6}s {event} ({progress(ledger)})", flush=True)
+            events.append(event)
+
+        async def at(fraction: float, within: float = 120) -> str:
+            deadline = time.monotonic() + within
             while len(ledger.sent) < TOTAL * fraction:
+                assert time.monotonic() < deadline, f"{fraction:.0%} not sent: {progress(ledger)}"
                 await asyncio.sleep(0.05)
             return f"{len(ledger.sent)} sent, {now()}s"
 
-        events.append(
-            f"{master.address} ({len(faulted_boards)} boards) fault at {await at(FAULT_AT)}"
-        )
+        note(f"{master.address} ({len(faulted_boards)} boards) fault at {await at(FAULT_AT)}")
         killed = victim = await asyncio.to_thread(take_down, master)
         killed_at = time.monotonic()
-        events.append(f"killed {victim.address} at {now()}s")
+        note(f"killed {victim.address} at {now()}s")
         serving = await asyncio.to_thread(after_kill, victim)
         settled_at = time.monotonic()
         if serving is not None:
-            events.append(f"{serving.address} took over at {now()}s")
-        events.append(f"restart of {victim.address} at {await at(RESTART_AT)}")
+            note(f"{serving.address} took over at {now()}s")
+        note(f"restart of {victim.address} at {await at(RESTART_AT)}")
         restart_at = time.monotonic()
         await asyncio.to_thread(cluster.restart, victim)
-        events.append(f"{victim.address} back and in sync at {now()}s")
+        note(f"{victim.address} back and in sync at {now()}s")
         restarted_at = time.monotonic()
-        await asyncio.gather(*sending)
+        await asyncio.wait_for(asyncio.gather(*sending), 120)
         for sender in senders:
             await sender.wait_acked(90)
         sent_for = time.monotonic() - started
+        note("all sent and acked")
         await ledger.wait_complete(120)
         drained_for = time.monotonic() - started
+        note("delivery complete" if ledger.complete() else "delivery incomplete after 120 s")
     finally:
         failed = await stop_tasks([*listeners, clocking, sampling])
+        print(f"stopped: {progress(ledger)}; closed: {dict(list(ledger.closed.items())[:8])}")
         for sender in senders:
             await sender.__aexit__(None, None, None)
         if killed is not None and not killed.running():
