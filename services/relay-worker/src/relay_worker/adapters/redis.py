@@ -292,34 +292,36 @@ class RedisRelayStore:
         async with server.pipeline(transaction=False) as pipe:
             for group in groups:
                 pipe.execute_command("MULTI")
-                for keys, args in group:
+                for index in group:
+                    keys, args = calls[index]
                     pipe.evalsha(self.sha, len(keys), *keys, *args)
                 pipe.execute_command("EXEC")
             if self._min_replicas:
                 pipe.execute_command("WAIT", self._min_replicas, self._replicas_timeout_ms)
             raw = list(await pipe.execute(raise_on_error=False))
-        replies: list[Any] = []
+        replies: list[Any] = [None] * len(calls)
         position = 0
         for group in groups:
             queued = raw[position : position + len(group) + 1]  # MULTI's reply, then QUEUED
             executed = raw[position + len(group) + 1]
             position += len(group) + 2
-            if isinstance(executed, list):
-                replies += executed
-            else:  # EXECABORT: what refused a step at queueing time says why
+            if not isinstance(executed, list):  # EXECABORT: what refused a step says why
                 refused = next((r for r in queued if isinstance(r, Exception)), executed)
-                replies += [refused] * len(group)
+                executed = [refused] * len(group)
+            for index, reply in zip(group, executed, strict=True):
+                replies[index] = reply
         if self._min_replicas:
             replies = self._replicated(replies, raw[position])
         return replies
 
-    def _by_slot(self, calls: Sequence[_Call]) -> list[list[_Call]]:
-        """The calls grouped by hash slot, each group in queue order (so is each board)."""
+    def _by_slot(self, calls: Sequence[_Call]) -> list[list[int]]:
+        """The calls' positions grouped by hash slot, each group in queue order (so is each
+        board's, all in its slot)."""
         if self._cluster is None:
-            return [list(calls)]
-        groups: dict[int, list[_Call]] = {}
-        for call in calls:
-            groups.setdefault(self._cluster.keyslot(call[0][0]), []).append(call)
+            return [list(range(len(calls)))]
+        groups: dict[int, list[int]] = {}
+        for index, (keys, _args) in enumerate(calls):
+            groups.setdefault(self._cluster.keyslot(keys[0]), []).append(index)
         return list(groups.values())
 
     def _replicated(self, replies: list[Any], waited: Any) -> list[Any]:
@@ -337,7 +339,7 @@ class RedisRelayStore:
         """Close the per-master clients of cluster mode (the main client is the caller's)."""
         servers, self._servers = list(self._servers.values()), {}
         for server in servers:
-            await server.aclose()
+            await server.aclose(close_connection_pool=True)
 
 
 _Call = tuple[list[str], list[Any]]
