@@ -7,7 +7,6 @@ once a later attempt's WAIT is answered.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
