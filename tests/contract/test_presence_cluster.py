@@ -283,3 +283,33 @@ async def test_the_rate_limits_count_one_window_across_two_clients(
 def keys_on(url: str, prefix: str) -> list[str]:
     with redis.Redis.from_url(url, decode_responses=True) as node:
         return list(node.scan_iter(match=f"{prefix}*"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=KeyError,
+    reason="realtime_runtime.pubsub.channel_frames subscribes through redis-py's ClusterPubSub, "
+    "which needs the slot map: on a cluster client that has not run a command yet it raises "
+    "KeyError(<slot>). The feed's per-node subscriptions replace it; then this passes.",
+)
+async def test_the_store_s_own_subscription_hears_every_board_on_a_fresh_cluster_client(
+    cluster: LocalRedisCluster,
+) -> None:
+    """What the ingress and the gateway do at start-up: subscribe to the presence channel on
+    a client that has not sent anything yet, then hear the changes of boards on every master."""
+    settings = settings_for("cluster", cluster.seed_urls(), f"t:{uuid.uuid4().hex[:12]}:")
+    client = redis_client(settings)
+    try:
+        presence = RedisPresence(client, settings.redis_keys)
+        async with presence.changes() as changes:
+            for board in BOARDS:
+                await presence.set_member(board, "one", ALICE, 1)
+            heard: list[Change] = []
+            async with asyncio.timeout(10):
+                async for message in changes:
+                    heard.append(parsed(message))
+                    if len(heard) == len(BOARDS):
+                        break
+        assert sorted(heard) == sorted((board, "join", "alice", 1) for board in BOARDS)
+    finally:
+        await client.aclose()
