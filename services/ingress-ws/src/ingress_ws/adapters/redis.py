@@ -12,11 +12,11 @@ boards it holds and writes each of its members again. On one Redis that is one t
 one round trip however many members it has. On Redis Cluster a transaction stays within one
 slot, so the beat is one pipeline of atomic steps, the instance's registry (expiry and boards,
 one slot: `{instances}`) and one per member, that redis-py sends as one request per node, all
-at once. Any instance reaps one whose expiry passed: a claim (only one reaper wins
-it), then one step per board that drops the dead instance's connections and sends the leaves.
-Reads count only connections of instances that are alive, even before a reap. Every command
+at once. Any instance reaps one whose expiry passed: a claim (only one reaper wins it), then
+one step per board that drops the dead instance's connections and sends the leaves. Reads
+count only connections of instances that are alive, even before a reap. Every other command
 and script touches one slot, and the presence channel is a classic one (a cluster broadcasts
-a PUBLISH to every node), so the same steps run on both.
+a PUBLISH to every node), so they run unchanged on both.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ class RedisPresence:
         members: Mapping[str, Collection[tuple[PresenceMember, int]]],
         expires_in: float,
     ) -> None:
-        """`heartbeat` with `members`' boards, and `set_member` for each, in one round trip."""
+        """`heartbeat` with `members`' boards, and `set_member` for each, in one round trip
+        (on a cluster, one per node, all at once)."""
         try:
             await self._beat(instance, members, expires_in)
         except NoScriptError:
