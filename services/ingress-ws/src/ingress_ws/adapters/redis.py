@@ -35,7 +35,7 @@ from realtime_runtime.presence import RedisPresenceChanges
 from realtime_runtime.service import RedisClient
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ingress_ws.settings import IngressSettings
 
@@ -288,7 +288,7 @@ def redis_rate_limit_storage(settings: IngressSettings) -> Storage:
             **options,
         )
     uri, credentials = cluster_storage_uri(settings.redis_nodes)
-    return RedisClusterStorage(
+    return ClusterRateLimitStorage(
         uri,
         implementation="redispy",
         key_prefix=prefix,
@@ -296,6 +296,16 @@ def redis_rate_limit_storage(settings: IngressSettings) -> Storage:
         **options,
         **credentials,
     )
+
+
+class ClusterRateLimitStorage(RedisClusterStorage):
+    """`limits`' cluster storage, whose wrapped exceptions include redis-py's
+    `RedisClusterException` (no `RedisError`: raised when no seed answers, or a slot has no
+    master yet), so that a cluster that is away is a `StorageError` like a Redis that is."""
+
+    @property
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        return (RedisError, RedisClusterException)
 
 
 def cluster_storage_uri(nodes: list[str]) -> tuple[str, dict[str, str | bool]]:
