@@ -1,7 +1,8 @@
 """Presence and the shared rate limits on a private Redis Cluster, held to what they do on one
 Redis: two `RedisPresence`s (two ingress replicas, each with its own client) on boards spread
 over every master give the same joins, leaves, snapshots and reaps in cluster mode as in
-standalone mode, and the rate-limit storage counts one window across two clients.
+standalone mode, the rate-limit storage counts one window across two clients, and a beat
+after a master's kill -9 and failover (a promoted replica has no scripts) writes everything.
 
 The cluster is the test suite's own (`support.redis_cluster`, six nodes on free ports), one per
 module; the standalone runs use unique names on the shared Redis and delete them after. The
@@ -12,6 +13,7 @@ to every node, so any node's subscribers hear every board's changes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -23,10 +25,12 @@ import redis.asyncio as aioredis
 from envelope.models import PresenceEntry, PresenceFrame, PresenceMember
 from envelope.topology import RedisKeys
 from ingress_ws.adapters.redis import (
+    SET_MEMBER,
     RedisPresence,
     close_rate_limit_storage,
     redis_rate_limit_storage,
 )
+from ingress_ws.presence import REDIS_FAULTS
 from ingress_ws.settings import IngressSettings
 from limits import parse
 from limits.aio.storage import RedisClusterStorage
@@ -313,3 +317,39 @@ async def test_the_store_s_own_subscription_hears_every_board_on_a_fresh_cluster
         assert sorted(heard) == sorted((board, "join", "alice", 1) for board in BOARDS)
     finally:
         await client.aclose()
+
+
+async def test_a_beat_after_a_master_failed_over_writes_every_member(
+    cluster: LocalRedisCluster,
+) -> None:
+    """kill -9 of the master of some boards: once its replica took over (without the
+    scripts, which Redis 7 does not replicate), the next beat writes every member again and
+    the reap still runs. Last in the module: it restarts the killed node."""
+    settings = settings_for("cluster", cluster.seed_urls(), f"t:{uuid.uuid4().hex[:12]}:")
+    keys = settings.redis_keys
+    client = redis_client(settings)
+    members = {board: [(ALICE, 1), (BOB, 2)] for board in BOARDS}
+    try:
+        presence = RedisPresence(client, keys)
+        await presence.beat("one", members, 30)
+        killed = cluster.kill_master(keys.presence(BOARDS[0]))
+        promoted = cluster.wait_for_failover(killed)
+        with promoted.client() as node:
+            assert node.script_exists(hashlib.sha1(SET_MEMBER.encode()).hexdigest()) == [False]
+        async with asyncio.timeout(30):
+            while True:  # as the writer does: a beat that fails is tried again
+                try:
+                    await presence.beat("one", members, 30)
+                    break
+                except REDIS_FAULTS:
+                    await asyncio.sleep(0.2)
+        for board in BOARDS:
+            assert {e.id: e.connections for e in await presence.members(board)} == {
+                "alice": 1,
+                "bob:1": 2,
+            }
+        await presence.forget("one")
+        assert not any([await presence.members(board) for board in BOARDS])
+    finally:
+        await client.aclose()
+    cluster.restart(killed)
