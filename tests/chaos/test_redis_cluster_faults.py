@@ -180,14 +180,14 @@ def progress(ledger: Ledger) -> str:
     )
 
 
-def worker_outcomes(workers: list[Service]) -> dict[str, float]:
-    """`advanced_worker_*` counters summed over the workers, by sample name."""
+def worker_counters(workers: list[Service]) -> dict[str, float]:
+    """The workers' `advanced_worker_*_total` counters, summed, by sample name."""
     summed: collections.Counter[str] = collections.Counter()
     for worker in workers:
         for sample, value in scrape(worker).items():
-            if sample.startswith("advanced_worker_") and not sample.endswith("_created"):
-                summed[sample] += value
-    return {k: v for k, v in sorted(summed.items()) if "_bucket" not in k and v}
+            if sample.startswith("advanced_worker_") and "_total" in sample:
+                summed[sample.removeprefix("advanced_worker_")] += value
+    return dict(sorted(summed.items()))
 
 
 async def flow_through_a_node_fault(
@@ -275,6 +275,7 @@ async def flow_through_a_node_fault(
 
     replicas_after = cluster.replicas_of(cluster.master_of(keys.board_stream(faulted_boards[0])))
     verdicts = ledger.verdicts()
+    counters = worker_counters(workers)
     report(
         title,
         ledger,
@@ -293,7 +294,8 @@ async def flow_through_a_node_fault(
         seconds_to_send=round(sent_for, 1),
         seconds_to_deliver_all=round(drained_for, 1),
         replicas_of_the_faulted_boards_master_after=[n.address for n in replicas_after],
-        worker_counters=worker_outcomes(workers),
+        redeliveries_skipped_as_duplicates=counters.get('events_total{outcome="duplicate"}', 0),
+        worker_counters=counters,
     )
     assert not failed, failed
     # Without a replica to confirm them, the steps to that master wait: partitions pause.
