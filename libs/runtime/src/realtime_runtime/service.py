@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from realtime_runtime.feed.store import RedisClient
 from realtime_runtime.observability import instrument_app
 from realtime_runtime.security import hardened_http_protocol, secure_app
 from realtime_runtime.settings import RedisSettings, ServiceSettings
@@ -36,12 +37,6 @@ Readiness = Callable[[], Awaitable[dict[str, bool | str]]]
 log = structlog.get_logger("realtime_runtime.service")
 
 REDIS_HEALTH_CHECK_SECONDS = 5
-
-
-RedisClient = redis.Redis | RedisCluster
-"""A standalone client or a cluster one (`ADVANCED_REDIS_MODE`): both run the commands, scripts
-and non-transactional pipelines the suite sends; pub/sub and transactions differ and are
-chosen where they are used (`realtime_runtime.pubsub`)."""
 
 
 def redis_client(settings: RedisSettings, **overrides: Any) -> RedisClient:
