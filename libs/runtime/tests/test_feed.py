@@ -322,7 +322,7 @@ def test_one_parse_per_cursor_kind_refuses_what_redis_would() -> None:
     zero = ("0-0",) * ACTIVITY_PARTS
     assert parse_activity_cursor(",".join(["0"] * ACTIVITY_PARTS)) == zero
     top = f"{2**64 - 1}-{2**64 - 1}"
-    ids = tuple(["1700000000000-3", top, *["0-0"] * (ACTIVITY_PARTS - 2)])
+    ids = ("1700000000000-3", top, *["0-0"] * (ACTIVITY_PARTS - 2))
     assert parse_activity_cursor(activity_cursor(ids)) == ids
     assert activity_cursor(zero) == ",".join(["0"] * ACTIVITY_PARTS)
     # One id (a cursor from before the stream was split), too few or too many parts: None.

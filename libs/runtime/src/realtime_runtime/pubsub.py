@@ -25,9 +25,10 @@ LIVENESS_PING = "advanced-feed-liveness"
 
 @contextlib.asynccontextmanager
 async def channel_frames(
-    client: redis.Redis, channel: str, what: str
+    client: redis.Redis | RedisCluster, channel: str, what: str
 ) -> AsyncIterator[AsyncIterator[bytes]]:
-    """A pub/sub channel's messages, once the subscription is confirmed."""
+    """A classic pub/sub channel's messages, once the subscription is confirmed (in cluster
+    mode a PUBLISH reaches every node, so any node's connection hears it)."""
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(channel)

@@ -21,7 +21,13 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_fastapi_instrumentator import Instrumentator
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -63,6 +69,16 @@ def redis_client(settings: RedisSettings, **overrides: Any) -> RedisClient:
         ClusterNode(url.hostname or "localhost", url.port or 6379) for url in map(urlsplit, others)
     ]
     return RedisCluster.from_url(first, startup_nodes=seeds or None, **options)
+
+
+def feed_frames_counter(registry: CollectorRegistry) -> Counter:
+    """Frames this edge process read from Redis pub/sub (before de-duplication), on both edges:
+    with channels per board, a process draws only its own clients' boards' traffic."""
+    return Counter(
+        "advanced_feed_frames_received",
+        "Relay frames this process received from Redis pub/sub, duplicates included.",
+        registry=registry,
+    )
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:

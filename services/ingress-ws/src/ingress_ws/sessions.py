@@ -78,7 +78,7 @@ class BoardSocket:
         runtime.metrics.connections.inc()
         runtime.presence.join(self.board_id, self.member)
         try:
-            with runtime.hub.subscribe_board(
+            async with runtime.hub.subscribe_board(
                 self.board_id, runtime.settings.websocket_send_queue
             ) as subscription:
                 self._subscription = subscription

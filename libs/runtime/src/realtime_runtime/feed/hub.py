@@ -314,6 +314,11 @@ class ActivityHub(Generic[T]):
         pages = activity_pages(self._store, cursor, newest, boards, self._page)
         return Replay(pages, ResetReason.CURSOR_EXPIRED if expired else None, oldest_cursor, newest)
 
+    async def activity_newest(self) -> ActivityCursor:
+        """Where every part of the activity stream is now: a live-only activity subscriber's
+        position (its first event's `id:` carries it)."""
+        return tuple(newest for _oldest, newest in await self._store.activity_heads())
+
     # The session -----------------------------------------------------------------------------
 
     async def run(self) -> None:
