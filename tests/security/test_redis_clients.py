@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from realtime_runtime.feed import RedisActivityStore
+from realtime_runtime.pubsub import Confirmed
 from realtime_runtime.service import redis_client
 from realtime_runtime.settings import RedisSettings
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -59,10 +60,13 @@ async def test_the_feed_stays_subscribed_on_an_idle_channel_past_the_socket_time
     client = redis_client(settings)
     try:
         store = RedisActivityStore(client, settings.redis_keys)
-        async with store.feed() as frames:
+        channel = settings.redis_keys.board_events_channel("b")
+        async with store.live() as live:
+            await live.subscribe([channel])
+            assert await asyncio.wait_for(live.next(), 5) == Confirmed(channel)
             await asyncio.sleep(1.5)  # idle for three socket timeouts: the point of the test
-            await client.publish(settings.activity_channel, b"0-1 b 1\n{}")
-            frame = await asyncio.wait_for(anext(frames), 5)
+            await client.publish(channel, b"0-1 b 1\n{}")
+            frame = await asyncio.wait_for(live.next(), 5)
         assert frame == b"0-1 b 1\n{}"
     finally:
         await client.aclose()

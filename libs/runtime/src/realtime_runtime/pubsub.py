@@ -169,7 +169,7 @@ class _Connection:
             if message is None:
                 if pinged_at is not None and now - pinged_at > LIVENESS_SECONDS:
                     raise RedisTimeoutError(f"the {what} subscription stopped answering pings")
-                if pinged_at is None and now - heard_at > LIVENESS_SECONDS and self._asked_any:
+                if pinged_at is None and now - heard_at > LIVENESS_SECONDS:
                     await pubsub.ping(LIVENESS_PING)
                     pinged_at = now
                 continue
@@ -194,10 +194,6 @@ class _Connection:
                 else:
                     self._leaving[channel] = leaving - 1
 
-    @property
-    def _asked_any(self) -> bool:
-        return bool(self._pubsub.subscribed)
-
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -221,17 +217,22 @@ class PubSubFeed:
         self._connections: dict[str, _Connection] = {}  # by node address ("" standalone)
         self._owner: dict[str, str] = {}  # channel -> node address, as subscribed
 
-    async def _connection(self, channel: str) -> _Connection:
+    async def open(self) -> None:
+        """Connect now (every master, in cluster mode): a session that cannot reach Redis
+        fails here, and each connection's pings notice a loss even before it subscribes."""
         client = self._client
         if isinstance(client, RedisCluster):
-            node = client.nodes_manager.get_node_from_slot(key_slot(channel.encode()))
-            address = node.name
+            for node in client.get_primaries():
+                await self._node(node.name, node.host, int(node.port))
         else:
-            address = ""
+            await self._node("", "", 0)
+
+    async def _node(self, address: str, host: str, port: int) -> _Connection:
         connection = self._connections.get(address)
         if connection is None:
+            client = self._client
             if isinstance(client, RedisCluster):
-                pubsub = _node_client(client, node.host, int(node.port)).pubsub()
+                pubsub = _node_client(client, host, port).pubsub()
             else:
                 pubsub = client.pubsub()
             connection = _Connection(
@@ -239,7 +240,17 @@ class PubSubFeed:
             )
             self._connections[address] = connection
             await connection.open()
-        self._owner[channel] = address
+        return connection
+
+    async def _connection(self, channel: str) -> _Connection:
+        client = self._client
+        if isinstance(client, RedisCluster):
+            node = client.nodes_manager.get_node_from_slot(key_slot(channel.encode()))
+            connection = await self._node(node.name, node.host, int(node.port))
+            self._owner[channel] = node.name
+        else:
+            connection = await self._node("", "", 0)
+            self._owner[channel] = ""
         return connection
 
     async def subscribe(self, channels: Collection[str]) -> None:
@@ -295,6 +306,7 @@ async def live_feed(client: redis.Redis | RedisCluster, what: str) -> AsyncItera
         await client.nodes_manager.initialize()
     feed = PubSubFeed(client, what)
     try:
+        await feed.open()
         yield feed
     finally:
         await feed.aclose()
