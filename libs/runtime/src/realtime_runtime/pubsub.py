@@ -253,19 +253,35 @@ class PubSubFeed:
             self._owner[channel] = ""
         return connection
 
-    async def subscribe(self, channels: Collection[str]) -> None:
-        grouped: dict[_Connection, list[str]] = {}
+    def _batches(self, channels: Collection[str]) -> list[list[str]]:
+        """One command per slot in cluster mode (SSUBSCRIBE takes channels of one slot only),
+        one for all on a standalone Redis."""
+        if not isinstance(self._client, RedisCluster):
+            return [list(channels)] if channels else []
+        by_slot: dict[int, list[str]] = {}
         for channel in channels:
-            grouped.setdefault(await self._connection(channel), []).append(channel)
-        await asyncio.gather(*(c.subscribe(names) for c, names in grouped.items()))
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        return list(by_slot.values())
+
+    async def subscribe(self, channels: Collection[str]) -> None:
+        sends = []
+        for batch in self._batches(channels):
+            connection = await self._connection(batch[0])
+            for channel in batch:
+                self._owner[channel] = self._owner[batch[0]]
+            sends.append(connection.subscribe(batch))
+        await asyncio.gather(*sends)
 
     async def unsubscribe(self, channels: Collection[str]) -> None:
-        grouped: dict[_Connection, list[str]] = {}
-        for channel in channels:
-            address = self._owner.pop(channel, None)
-            if address is not None and address in self._connections:
-                grouped.setdefault(self._connections[address], []).append(channel)
-        await asyncio.gather(*(c.unsubscribe(names) for c, names in grouped.items()))
+        sends = []
+        for batch in self._batches(channels):
+            address = self._owner.get(batch[0])
+            for channel in batch:
+                self._owner.pop(channel, None)
+            connection = self._connections.get(address) if address is not None else None
+            if connection is not None:
+                sends.append(connection.unsubscribe(batch))
+        await asyncio.gather(*sends)
 
     async def next(self) -> LiveItem:
         item = await self._queue.get()
