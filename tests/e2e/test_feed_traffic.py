@@ -54,7 +54,7 @@ async def test_each_edge_process_receives_only_its_own_boards_frames(suite: Suit
         for board_id in left:
             url = f"{gateway.url}/sse/boards/{board_id}?token={TOKEN}"
             streams[board_id] = await stack.enter_async_context(sse(url))
-        for board_id, client in clients.items():
+        for client in clients.values():
             for n in range(EVENTS_PER_BOARD):
                 await client.send(payload={"n": n})
                 await client.next("ack")
