@@ -38,6 +38,7 @@ EXPORTED = {
         "advanced_websocket_replayed_events_total",
         "advanced_websocket_resets_total",
         "advanced_delivery_latency_seconds",
+        "advanced_feed_frames_received_total",
     ],
     "gateway": [
         "advanced_http_requests_total",
@@ -47,6 +48,7 @@ EXPORTED = {
         "advanced_sse_replayed_events_total",
         "advanced_sse_resets_total",
         "advanced_delivery_latency_seconds",
+        "advanced_feed_frames_received_total",
     ],
     "worker": [
         "advanced_http_requests_total",
