@@ -139,12 +139,22 @@ class ActivityHub(Generic[T]):
         except BaseException:
             self._abandon(subscription, board_id, future)
             raise
-        if board_id is not None and board_id not in self._last and board_id not in self._floor:
+        if board_id is None:
+            if len(self._activity) == 1:
+                # The first activity subscriber here: where each part is now is where a
+                # catch-up after a reconnect starts (not where some board's event left it).
+                with contextlib.suppress(RedisError, OSError):
+                    heads = await self._store.activity_heads()
+                    for part, (_oldest, now) in enumerate(heads):
+                        known = self._parts[part]
+                        if known is None or stream_id_key(now) > stream_id_key(known):
+                            self._parts[part] = now
+        elif board_id not in self._last and board_id not in self._floor:
             # Nothing dispatched for it yet: where a catch-up after a reconnect would start.
             with contextlib.suppress(RedisError, OSError):
-                _oldest, newest = await self._store.board_head(board_id)
+                head = (await self._store.board_head(board_id))[1]
                 if board_id not in self._last:
-                    self._floor.setdefault(board_id, newest)
+                    self._floor.setdefault(board_id, head)
 
     def _abandon(
         self, subscription: Subscription[T], board_id: str | None, future: asyncio.Future[None]
