@@ -228,6 +228,9 @@ class MemoryStore:
     async def activity_after(
         self, part: int, stream_id: str, count: int = PAGE
     ) -> list[RelayedEvent]:
+        # A part only its own boards' writes trim: past the time limit it goes as a whole, as
+        # its key expires in Redis.
+        self._trim(self._activity[part])
         after = stream_id_key(stream_id)
         later = (e for e in self._activity[part] if stream_id_key(e.stream_id) > after)
         return list(itertools.islice(later, count))
@@ -245,6 +248,8 @@ class MemoryStore:
         return events[0].sequence, events[-1].sequence
 
     async def activity_heads(self) -> list[tuple[str, str]]:
+        for events in self._activity:
+            self._trim(events)
         return [
             (events[0].stream_id, events[-1].stream_id) if events else ("0-0", "0-0")
             for events in self._activity
