@@ -27,6 +27,12 @@ import psutil
 TOKEN = "bench-" + "token-for-load"
 RABBITMQ_URL = os.environ.get("ADVANCED_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("ADVANCED_REDIS_URL", "redis://127.0.0.1:6379/2")
+# The benchmarks measure one machine's deployment on one Redis, and clean up with a plain
+# client's SCAN: a Redis Cluster is not what they measure.
+if os.environ.get("ADVANCED_REDIS_MODE", "standalone") != "standalone" or "," in REDIS_URL:
+    raise SystemExit(
+        "bench: needs a standalone Redis (one ADVANCED_REDIS_URL); unset ADVANCED_REDIS_MODE"
+    )
 LOG_DIR = Path("bench/results/tmp/logs")
 UNLIMITED = "1000000/second"
 PUBLISHER_MAX_RATE = 2000  # messages per second on one publishing WebSocket

@@ -142,13 +142,14 @@ def announce_when_listening(children: list[Child], supervisor: Supervisor, page:
 
 def main() -> int:
     settings = load_settings(IngressSettings)
-    rabbitmq, redis = settings.rabbitmq_urls[0], settings.redis_url.get_secret_value()
+    rabbitmq = settings.rabbitmq_urls[0]
+    # One node or a cluster's seeds: any one that answers will do (the client finds the rest).
+    redis = settings.redis_nodes
     if settings.event_transport == "memory":
         run_in_memory("ADVANCED_EVENT_TRANSPORT=memory")
-    if not answers(rabbitmq, 5672) or not answers(redis, 6379):
-        run_in_memory(
-            f"RabbitMQ at {where(rabbitmq, 5672)} or Redis at {where(redis, 6379)} not reachable"
-        )
+    if not answers(rabbitmq, 5672) or not any(answers(node, 6379) for node in redis):
+        redis_at = ", ".join(where(node, 6379) for node in redis)
+        run_in_memory(f"RabbitMQ at {where(rabbitmq, 5672)} or Redis at {redis_at} not reachable")
 
     say("RabbitMQ and Redis answer: starting relay-worker, ingress-ws and sse-gateway")
     env = dict(os.environ)

@@ -37,6 +37,7 @@ from chaos.harness import (
     ws_url,
 )
 from conftest import TOKEN
+from envelope.topology import RedisKeys
 from support.clients import stalled_sse
 
 pytestmark = [pytest.mark.chaos, pytest.mark.brokers]
@@ -376,7 +377,7 @@ async def test_poison_and_unknown_versions_go_to_the_dlq_and_replay_redrives(
     poison, healthy = boards_in_one_partition("dlq", 2)
     # A board whose sequence key holds garbage: every relay step of it fails in Redis.
     store = redis.Redis.from_url(edge_suite.brokers.redis_url)
-    sequence_key = f"{env['ADVANCED_REDIS_KEY_PREFIX']}board:{poison}:seq"
+    sequence_key = RedisKeys(env["ADVANCED_REDIS_KEY_PREFIX"], "").sequence(poison)
     await store.set(sequence_key, "not-a-number")
 
     ledger = Ledger()

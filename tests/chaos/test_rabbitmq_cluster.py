@@ -36,6 +36,7 @@ from chaos.harness import (
     wait_for,
     ws_url,
 )
+from envelope.topology import RedisKeys
 from realtime_runtime.amqp import connect_nodes
 from support.processes import Service, Suite
 from support.rabbitmq_cluster import ClusterNode, RabbitCluster
@@ -252,7 +253,7 @@ async def test_dead_letter_and_retry_across_a_leader_change(
     store = redis.Redis.from_url(env["ADVANCED_REDIS_URL"])
     prefix = env["ADVANCED_REDIS_KEY_PREFIX"]
     for board in (poison, retried):
-        await store.set(f"{prefix}board:{board}:seq", "not-a-number")
+        await store.set(RedisKeys(prefix, "").sequence(board), "not-a-number")
 
     ledger = Ledger()
     listeners = [
@@ -278,7 +279,7 @@ async def test_dead_letter_and_retry_across_a_leader_change(
 
             await wait_for(both_waiting, 30, "both messages in the retry queue")
             await asyncio.to_thread(cluster.kill9, victim)
-            await store.delete(f"{prefix}board:{retried}:seq")  # its next attempt succeeds
+            await store.delete(RedisKeys(prefix, "").sequence(retried))  # its next attempt succeeds
             (new_leader,) = await leaders_moved_off(cluster, victim, [retry_queue])
 
             async def parked() -> bool:

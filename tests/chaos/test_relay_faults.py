@@ -27,7 +27,7 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from chaos.harness import PrivateRedis, metric, scrape, start_all, wait_for
-from envelope.topology import Topology
+from envelope.topology import RedisKeys, Topology
 from support.brokers import Brokers
 from support.envelopes import board_event, envelope_body
 from support.processes import Service, Suite
@@ -89,7 +89,7 @@ async def dead_letters(brokers: Brokers, topology: Topology) -> list[tuple[bytes
 
 async def relayed(client: redis.Redis, prefix: str, board: str) -> list[tuple[int, str]]:
     """(sequence, correlation id) of the board's stream in Redis, in stream order."""
-    entries = await client.xrange(f"{prefix}board:{board}:events")
+    entries = await client.xrange(RedisKeys(prefix, "").board_stream(board))
     events = [orjson.loads(fields[b"e"]) for _id, fields in entries]
     return [(event["sequence"], event["correlation_id"]) for event in events]
 

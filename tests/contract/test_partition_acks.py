@@ -209,7 +209,7 @@ async def test_the_relay_pipeline_reloads_a_script_redis_lost(brokers: Brokers) 
     store = RedisRelayStore(client, keys, 100)
     # As after a Redis restart without its script cache (never SCRIPT FLUSH a shared Redis):
     # the pipeline's EVALSHA meets NOSCRIPT.
-    store._script.sha = "0" * 40
+    store.sha = "0" * 40
     try:
         steps = [("lost", f"id-{n}", envelope_body("lost", f"id-{n}")) for n in range(3)]
         outcomes = await store.relay_many(steps, 60)

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as redis
 from envelope import codec
 from envelope.models import ActivityEvent
-from envelope.topology import RedisKeys
+from envelope.topology import RedisKeys, activity_part_of
 from redis.exceptions import ResponseError
 from relay_worker.adapters.redis import RedisRelayStore
 from support.brokers import Brokers
@@ -48,7 +48,7 @@ def body(correlation_id: str) -> bytes:
 async def written(client: redis.Redis, keys: RedisKeys) -> tuple[object, ...]:
     """The board's sequence, its stream's and the activity stream's lengths, the markers."""
     markers = [key async for key in client.scan_iter(match=keys.idempotency("b", "*"))]
-    activity = keys.activity_stream
+    activity = keys.activity_stream(activity_part_of("b"))
     return (
         await client.get(keys.sequence("b")),
         await client.xlen(keys.board_stream("b")),
@@ -85,8 +85,9 @@ async def test_a_step_that_cannot_succeed_writes_nothing(
     if broken == "sequence":
         await client.set(keys.sequence("b"), "not a number")
     else:
-        await client.delete(keys.activity_stream)
-        await client.set(keys.activity_stream, "a string where the stream was")
+        activity = keys.activity_stream(activity_part_of("b"))
+        await client.delete(activity)
+        await client.set(activity, "a string where the stream was")
     before = await written(client, keys)
     with pytest.raises(ResponseError):
         await store.relay("b", "c1", body("c1"), 60)

@@ -137,6 +137,7 @@ CONTRACT_VARIABLES: dict[str, tuple[frozenset[str], object]] = {
     "ADVANCED_ACTIVITY_CHANNEL": (EVERY, "advanced:activity"),
     "ADVANCED_REDIS_URL": (EVERY, "redis://localhost:6379/2"),
     "ADVANCED_REDIS_MODE": (EVERY, "standalone"),
+    "ADVANCED_REDIS_MIN_REPLICAS": (frozenset({WORKER}), 0),
     "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS": (frozenset({WORKER}), 300),
     "ADVANCED_RABBITMQ_EXCHANGE": (RABBITMQ, "advanced.board.events"),
     "ADVANCED_RABBITMQ_QUEUE": (RABBITMQ, "advanced.board.events"),
@@ -146,9 +147,9 @@ CONTRACT_VARIABLES: dict[str, tuple[frozenset[str], object]] = {
     "ADVANCED_CONTENT_SECURITY_POLICY": (EVERY, DEFAULT_CSP),
     "ADVANCED_STRICT_TRANSPORT_SECURITY": (EVERY, "max-age=63072000; includeSubDomains; preload"),
 }
-# Contract section 9's Redis Cluster mode, which no service implements yet: move each into
-# the table above with its readers when one does.
-CONTRACT_VARIABLES_NOT_YET_READ = {"ADVANCED_REDIS_MIN_REPLICAS"}
+# Contract variables no service implements yet: move each into the table above with its
+# readers when one does.
+CONTRACT_VARIABLES_NOT_YET_READ: set[str] = set()
 
 
 def default_of(settings: type[BaseSettings], variable: str) -> object:

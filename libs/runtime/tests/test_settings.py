@@ -113,6 +113,65 @@ def test_the_rabbitmq_url_may_list_several_nodes(monkeypatch: pytest.MonkeyPatch
     assert "secret" not in str(refused.value)
 
 
+def test_the_redis_mode_is_standalone_unless_set_to_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert RedisSettings(_env_file=None).redis_mode == "standalone"
+    monkeypatch.setenv("ADVANCED_REDIS_MODE", "cluster")
+    monkeypatch.setenv("ADVANCED_REDIS_URL", "redis://a:7000, rediss://b:7001/0")
+    settings = load_settings(RedisSettings)
+    assert settings.redis_mode == "cluster"
+    assert settings.redis_nodes == ["redis://a:7000", "rediss://b:7001/0"]
+    monkeypatch.setenv("ADVANCED_REDIS_MODE", "sentinel")
+    with pytest.raises(SystemExit, match="redis_mode: Input should be 'standalone' or 'cluster'"):
+        load_settings(RedisSettings)
+
+
+def test_standalone_redis_is_one_url() -> None:
+    with pytest.raises(ValidationError, match="set ADVANCED_REDIS_MODE=cluster"):
+        RedisSettings(_env_file=None, redis_url="redis://a:6379/2,redis://b:6379/2")
+    # Its database is its own business: any number, in the path or as `?db=`.
+    assert RedisSettings(_env_file=None, redis_url="redis://a:6379?db=5").redis_nodes == [
+        "redis://a:6379?db=5"
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://a:7000/2",
+        "redis://a:7000,redis://b:7001/3",
+        "redis://a:7000/?db=1",  # redis-py reads `?db=` as the database too
+        "rediss://u:p@a:7000/0?db=4",
+    ],
+)
+def test_a_cluster_seed_naming_a_database_is_refused(url: str) -> None:
+    with pytest.raises(ValidationError, match="Redis Cluster has only database 0"):
+        RedisSettings(_env_file=None, redis_mode="cluster", redis_url=url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://a:7000", "redis://a:7000/", "redis://a:7000/0", "redis://a:7000/0?db=0"]
+)
+def test_a_cluster_seed_may_name_database_0(url: str) -> None:
+    assert RedisSettings(_env_file=None, redis_mode="cluster", redis_url=url).redis_nodes == [url]
+
+
+def test_a_redis_url_that_is_no_redis_url_is_refused_without_its_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADVANCED_REDIS_MODE", "cluster")
+    for url in ("redis://a:7000,b:7001", "redis://a:7000,", "unix:///run/redis.sock"):
+        monkeypatch.setenv("ADVANCED_REDIS_URL", url)
+        with pytest.raises(SystemExit, match="must be redis:// or rediss:// URLs"):
+            load_settings(RedisSettings)
+    # A password with an unescaped `/` must not reach the message through the "database".
+    monkeypatch.setenv("ADVANCED_REDIS_URL", "redis://u:top/secret@a:7000")
+    with pytest.raises(SystemExit, match="only database 0") as refused:
+        load_settings(RedisSettings)
+    assert "secret" not in str(refused.value)
+
+
 def test_the_queue_type_is_classic_or_quorum() -> None:
     assert RabbitMQSettings(_env_file=None).rabbitmq_queue_type == "classic"
     assert (

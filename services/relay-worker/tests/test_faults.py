@@ -45,6 +45,13 @@ INFRASTRUCTURE = [
     redis_errors.BusyLoadingError("Redis is loading the dataset in memory"),
     redis_errors.NoScriptError("No matching script."),
     ReplicationNotConfirmed("WAIT: 0 of 1 replicas acknowledged the relay step"),
+    # Redis Cluster: a slot served elsewhere, or by nobody during a failover.
+    redis_errors.MovedError("3999 127.0.0.1:6381"),
+    redis_errors.ResponseError("MOVED 3999 127.0.0.1:6381"),
+    redis_errors.ResponseError("ASK 3999 127.0.0.1:6381"),
+    redis_errors.ResponseError("TRYAGAIN Multiple keys request during rehashing of slot"),
+    redis_errors.ClusterDownError("The cluster is down"),
+    redis_errors.SlotNotCoveredError('Slot "3999" is not covered by the cluster.'),
     ConnectionResetError("reset by peer"),
     TimeoutError(),
 ]

@@ -16,6 +16,16 @@ def test_the_ladder_and_retention_defaults_follow_the_seed() -> None:
     assert settings.redis_idempotency_ttl_seconds == 300
     assert (settings.replay_retention, settings.replay_retention_seconds) == (10_000, 0)
     assert settings.board_idle_ttl_seconds == 7 * 24 * 3600
+    assert (settings.redis_min_replicas, settings.redis_min_replicas_timeout_ms) == (0, 1000)
+
+
+def test_the_wait_timeout_stays_below_the_workers_socket_timeout() -> None:
+    # A WAIT the socket timeout cut would read as a lost connection, not as too few replicas.
+    with pytest.raises(ValidationError, match="below the worker's Redis socket timeout"):
+        WorkerSettings(_env_file=None, redis_min_replicas=1, redis_min_replicas_timeout_ms=5000)
+    with pytest.raises(ValidationError):  # WAIT n 0 would block for ever
+        WorkerSettings(_env_file=None, redis_min_replicas_timeout_ms=0)
+    WorkerSettings(_env_file=None, redis_min_replicas=1, redis_min_replicas_timeout_ms=4999)
 
 
 def test_the_idempotency_ttl_must_outlive_the_retry_ladder(

@@ -165,12 +165,16 @@ class RedisKeys:
 
     @property
     def presence_instances(self) -> str:
-        """Sorted set: ingress instance → when its presence expires (ms), unless it beats."""
-        return f"{self.prefix}presence:instances"
+        """Sorted set: ingress instance → when its presence expires (ms), unless it beats.
+
+        It and every instance's boards set share the hash tag `{instances}`, so an instance's
+        beat (its expiry and its boards) is one transaction on one Redis Cluster slot.
+        """
+        return f"{self.prefix}presence:{{instances}}"
 
     def presence_instance_boards(self, instance: str) -> str:
         """Set: the boards an instance holds presence on, for reaping it once it died."""
-        return f"{self.prefix}presence:instance:{instance}:boards"
+        return f"{self.prefix}presence:{{instances}}:{instance}:boards"
 
     def partition_lease(self, partition: int) -> str:
         return f"{self.prefix}lease:{partition}"

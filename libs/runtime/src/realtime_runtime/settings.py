@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal, Self, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from envelope.topology import QueueType, RedisKeys, Topology
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -181,11 +182,13 @@ class RedisSettings(SettingsPart):
             )
         if self.redis_mode == "cluster":
             for node in nodes:
-                database = node.split("//", 1)[1].partition("/")[2].partition("?")[0]
-                if database not in ("", "0"):
+                # The path, or redis-py's `?db=`: either names the database.
+                url = urlsplit(node)
+                databases = {url.path.strip("/"), *parse_qs(url.query).get("db", [])}
+                if databases - {"", "0"}:
                     raise ValueError(
                         "ADVANCED_REDIS_URL: Redis Cluster has only database 0; drop the "
-                        f"'/{database}' from the seed URLs (ADVANCED_REDIS_KEY_PREFIX separates "
+                        "database from the seed URLs (ADVANCED_REDIS_KEY_PREFIX separates "
                         "deployments)"
                     )
         return self

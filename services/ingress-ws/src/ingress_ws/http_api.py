@@ -28,9 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import context as otel_context
 from realtime_runtime.auth import Credential, Principal, Unauthorized, credential_source
-from redis.exceptions import RedisError
 
 from ingress_ws.admission import credential_key
+from ingress_ws.presence import REDIS_FAULTS
 from ingress_ws.publishing import publish_board_event
 from ingress_ws.settings import IngressSettings
 from ingress_ws.state import runtime_of
@@ -321,7 +321,7 @@ def add_http_api(
             return refused(exc)
         try:
             return await history_page(request, board_id, cursor, limit, explicit=after is not None)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAULTS as exc:
             log.warning("reading a board's history failed", board_id=board_id, error=str(exc))
             return refusal(ErrorCode.UNAVAILABLE, "The history cannot be read now; retry shortly.")
 

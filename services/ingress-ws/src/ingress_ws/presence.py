@@ -22,9 +22,14 @@ from envelope import codec
 from envelope.codec import RelayedEvent
 from envelope.models import PresenceEntry, PresenceMember
 from realtime_runtime.auth import Principal
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 log = structlog.get_logger("ingress_ws")
+
+# What a store on Redis raises while Redis is away: redis-py's cluster client raises
+# `RedisClusterException`, which is no `RedisError`, when no seed answers or a slot has no
+# master yet (a failover in progress).
+REDIS_FAULTS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
 RETRY_SECONDS = 0.5
@@ -147,7 +152,7 @@ class BoardPresence:
                     await self._heartbeat()
                     beat_due = loop.time() + self._beat
                 await self._flush(beat_due)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAULTS as exc:
                 log.warning("presence not written; retrying", error=str(exc))
             except Exception:  # a bug must not stop the beats: this instance would be reaped
                 log.exception("presence writer failed; retrying")
@@ -200,7 +205,7 @@ class BoardPresence:
             for board_id in list(self.local):
                 try:
                     members = await self.store.members(board_id)
-                except (RedisError, OSError):
+                except REDIS_FAULTS:
                     continue  # the cached total stays; the next round reads it again
                 # Checked again after the read: the board's last socket may have left during
                 # it, and a total kept for a board with none here would never be dropped.

@@ -6,8 +6,8 @@ from envelope.models import PresenceSnapshot, is_board_id
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from realtime_runtime.auth import Unauthorized, credential_from
-from redis.exceptions import RedisError
 
+from ingress_ws.presence import REDIS_FAULTS
 from ingress_ws.state import runtime_of
 
 
@@ -33,7 +33,7 @@ def add_presence_api(app: FastAPI) -> None:
             return refuse(403, "This token does not grant the board.")
         try:
             members = await runtime.presence.store.members(board_id)
-        except (RedisError, OSError):
+        except REDIS_FAULTS:
             return refuse(503, "Presence is unavailable; retry shortly.", {"Retry-After": "1"})
         members.sort(key=lambda member: member.id)
         snapshot = PresenceSnapshot(board_id=board_id, count=len(members), members=members)

@@ -31,13 +31,20 @@ _REDIS_CLASSES: tuple[type[BaseException], ...] = (
     redis_errors.ReadOnlyError,  # READONLY: a replica after a failover
     redis_errors.NoScriptError,  # script cache lost: the step changed nothing
     redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
+    redis_errors.ClusterDownError,  # also MASTERDOWN
+    # Redis Cluster: the slot is served elsewhere now (MOVED, ASK; also a replica's answer to
+    # a write), by nobody for the moment, or redirected past redis-py's limit.
+    redis_errors.AskError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.ClusterError,
     ReplicationNotConfirmed,
     OSError,  # sockets (builtin ConnectionError and TimeoutError are OSErrors)
 )
 # Replies redis-py leaves as a plain ResponseError, recognised by their error code. Redis 7
 # keeps the code first even when the command failed inside a script.
-_REDIS_CODES = re.compile(r"^(MISCONF|BUSY|NOREPLICAS|MASTERDOWN|CLUSTERDOWN|LOADING|OOM)\b")
+_REDIS_CODES = re.compile(
+    r"^(MISCONF|BUSY|NOREPLICAS|MASTERDOWN|CLUSTERDOWN|LOADING|OOM|MOVED|ASK|TRYAGAIN)\b"
+)
 
 
 def redis_fault(error: BaseException) -> bool:

@@ -133,7 +133,8 @@ class Relay:
         *,
         acknowledge: AcknowledgeInOrder[D] = ack_one_by_one,
     ) -> list[Outcome]:
-        """Relay deliveries of one partition: one Redis round trip for all, settled in order.
+        """Relay deliveries of one partition: one Redis round trip for all (on a cluster, one
+        per master, side by side), settled in order.
 
         Each relay step stays one atomic Lua call; a pipeline only sends them back to back,
         and Redis runs them in that order, so the board's sequence follows the queue's order.

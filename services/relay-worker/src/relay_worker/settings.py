@@ -9,6 +9,10 @@ from typing import Self
 from pydantic import Field, model_validator
 from realtime_runtime.settings import RabbitMQSettings, RedisSettings, ServiceSettings
 
+# The worker's own Redis timeouts (socket and connect), kept from before the shared ones
+# existed: the fault tests' timing (a dropped connection held, then retried) is built on them.
+WORKER_REDIS_TIMEOUT_SECONDS = 5.0
+
 
 class WorkerSettings(ServiceSettings, RedisSettings, RabbitMQSettings):
     worker_port: int = 8006
@@ -32,6 +36,14 @@ class WorkerSettings(ServiceSettings, RedisSettings, RabbitMQSettings):
     # A publish of the worker's own (a dead letter) not confirmed by then counts as refused:
     # the partition pauses and publishes it again (aio-pika would wait for ever).
     rabbitmq_confirm_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Contract section 9: a relay step counts as done (and its message is acked) only once this
+    # many Redis replicas hold it, checked with WAIT on the connection that wrote it. Fewer
+    # within REDIS_MIN_REPLICAS_TIMEOUT_MS, and the partition pauses with its messages held
+    # (never retried or dead-lettered for it) until a later attempt's WAIT is answered. 0: no
+    # WAIT. The timeout bounds how long a batch waits for slow replicas; it stays below the
+    # worker's 5 s socket timeout, which would otherwise cut the WAIT as a lost connection.
+    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_min_replicas_timeout_ms: int = Field(default=1000, ge=1)
     # Test-only fault hook: exit abruptly after the Redis step of the N-th message, before
     # its RabbitMQ ack, to prove that the redelivery is recognised as a duplicate.
     worker_fault_exit_after_relay: int = 0
@@ -45,5 +57,14 @@ class WorkerSettings(ServiceSettings, RedisSettings, RabbitMQSettings):
             raise ValueError(
                 "ADVANCED_REDIS_IDEMPOTENCY_TTL_SECONDS must outlive the retry ladder "
                 f"({ladder_seconds:.0f}s = (MAX_RETRIES + 1) x RETRY_DELAY_MS); raise it."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _wait_ends_before_the_socket_timeout(self) -> Self:
+        if self.redis_min_replicas_timeout_ms >= WORKER_REDIS_TIMEOUT_SECONDS * 1000:
+            raise ValueError(
+                "ADVANCED_REDIS_MIN_REPLICAS_TIMEOUT_MS must stay below the worker's Redis "
+                f"socket timeout ({WORKER_REDIS_TIMEOUT_SECONDS * 1000:.0f} ms); lower it."
             )
         return self

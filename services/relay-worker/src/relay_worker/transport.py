@@ -13,6 +13,7 @@ import redis.asyncio as redis
 import structlog
 from realtime_runtime.amqp import FailoverConnection, connect_nodes
 from realtime_runtime.memory import MemoryTransport
+from realtime_runtime.service import redis_client
 
 from relay_worker.adapters.memory import MEMORY_PAUSE, MemoryLeases, MemoryPartitions
 from relay_worker.adapters.rabbitmq import AmqpPartitions, declare_topology
@@ -20,7 +21,7 @@ from relay_worker.adapters.redis import PartitionLeases, RedisRelayStore
 from relay_worker.consumer import PAUSE, PartitionedConsumer
 from relay_worker.ports import Leases, PartitionBroker
 from relay_worker.relay import RelayStore
-from relay_worker.settings import WorkerSettings
+from relay_worker.settings import WORKER_REDIS_TIMEOUT_SECONDS, WorkerSettings
 
 log = structlog.get_logger("relay_worker")
 
@@ -89,21 +90,24 @@ class BrokerTransport:
         # A name per process, so an operator (or a fault test) can tell workers apart.
         self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         # Timeouts bound every Redis call, so a dropped connection becomes an error (and
-        # a retry of the message) instead of a relay step that hangs with the message.
-        self._client = redis.from_url(
-            settings.redis_url.get_secret_value(),
-            health_check_interval=5,
-            socket_timeout=5,
-            socket_connect_timeout=5,
+        # the message held) instead of a relay step that hangs with the message. A standalone
+        # Redis or a Redis Cluster, as ADVANCED_REDIS_MODE says.
+        self._client = redis_client(
+            settings,
+            socket_timeout=WORKER_REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=WORKER_REDIS_TIMEOUT_SECONDS,
         )
         keys = settings.redis_keys
-        self.store: RelayStore = RedisRelayStore(
+        self._store = RedisRelayStore(
             self._client,
             keys,
             settings.replay_retention,
             settings.board_idle_ttl_seconds,
             settings.replay_retention_seconds,
+            min_replicas=settings.redis_min_replicas,
+            replicas_timeout_ms=settings.redis_min_replicas_timeout_ms,
         )
+        self.store: RelayStore = self._store
         self.leases: Leases = PartitionLeases(
             self._client,
             keys,
@@ -165,4 +169,5 @@ class BrokerTransport:
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
+        await self._store.aclose()
         await self._client.aclose()

@@ -10,7 +10,11 @@ from realtime_runtime.service import redis_client
 
 from ingress_ws.adapters.memory import memory_adapters
 from ingress_ws.adapters.rabbitmq import RabbitPublisher
-from ingress_ws.adapters.redis import RedisPresence, redis_rate_limit_storage
+from ingress_ws.adapters.redis import (
+    RedisPresence,
+    close_rate_limit_storage,
+    redis_rate_limit_storage,
+)
 from ingress_ws.ports import Adapters
 from ingress_ws.settings import IngressSettings
 
@@ -30,11 +34,13 @@ def open_adapters(
     else:
         client = redis_client(settings)
         stack.push_async_callback(client.aclose)
+        rate_limits = redis_rate_limit_storage(settings)
+        stack.push_async_callback(close_rate_limit_storage, rate_limits)
         adapters = Adapters(
             publisher=RabbitPublisher(settings.rabbitmq_urls, settings.topology),
             activity=RedisActivityStore(client, settings.redis_keys),
             presence=RedisPresence(client, settings.redis_keys),
-            rate_limits=redis_rate_limit_storage(settings),
+            rate_limits=rate_limits,
             reports_brokers=True,
         )
     stack.push_async_callback(adapters.publisher.close)

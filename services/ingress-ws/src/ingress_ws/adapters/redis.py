@@ -8,10 +8,15 @@ connections it has on however many replicas, and every process hears a board's c
 the order they happened.
 
 Each instance beats (`RedisKeys.presence_instances`: instance → expiry in ms), lists the
-boards it holds and writes each of its members again, all in one transaction: one round trip
-however many members it has. Any instance reaps one whose expiry passed: a claim (only one
-reaper wins it), then one step per board that drops the dead instance's connections and
-sends the leaves. Reads count only connections of instances that are alive, even before a reap.
+boards it holds and writes each of its members again. On one Redis that is one transaction:
+one round trip however many members it has. On Redis Cluster a transaction stays within one
+slot, so the beat is one pipeline of atomic steps, the instance's registry (expiry and boards,
+one slot: `{instances}`) and one per member, that redis-py sends as one request per node, all
+at once. Any instance reaps one whose expiry passed: a claim (only one reaper wins it), then
+one step per board that drops the dead instance's connections and sends the leaves. Reads
+count only connections of instances that are alive, even before a reap. Every other command
+and script touches one slot, and the presence channel is a classic one (a cluster broadcasts
+a PUBLISH to every node), so they run unchanged on both.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
 import orjson
-import redis.asyncio as redis
 from envelope.models import PresenceEntry, PresenceMember
 from envelope.presence import member_json
 from envelope.topology import RedisKeys
-from limits.aio.storage import RedisStorage, Storage
+from limits.aio.storage import RedisClusterStorage, RedisStorage, Storage
 from realtime_runtime.presence import RedisPresenceChanges
+from realtime_runtime.service import RedisClient
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ingress_ws.settings import IngressSettings
 
@@ -81,6 +88,16 @@ end
 return left
 """
 )
+# KEYS: the instances' sorted set, the instance's boards set (one slot: `{instances}`).
+# ARGV: instance, expiry (ms), its boards. What the standalone beat's transaction does, as one
+# atomic step that a cluster pipeline can carry (SADD in chunks: Lua's stack holds ~8000).
+REGISTER = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('DEL', KEYS[2])
+for i = 3, #ARGV, 1000 do
+  redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+"""
 # KEYS: the instances' sorted set. ARGV: instance, now (ms). Only one reaper claims it.
 CLAIM = """
 local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -99,12 +116,13 @@ def _now_ms() -> int:
 class RedisPresence:
     """The ingress's `PresenceStore` on Redis (see the module's docstring)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: RedisClient, keys: RedisKeys) -> None:
         self._client = client
         self._keys = keys
         self._set_member = client.register_script(SET_MEMBER)
         self._reap_board = client.register_script(REAP_BOARD)
         self._claim = client.register_script(CLAIM)
+        self._register = client.register_script(REGISTER)
         self.changes = RedisPresenceChanges(client, keys).changes
 
     def _board(self, board_id: str) -> tuple[list[str], list[str | bytes]]:
@@ -119,6 +137,9 @@ class RedisPresence:
         await self._set_member(keys, [*args, field, member.id, connections, member_json(member)])
 
     async def heartbeat(self, instance: str, boards: Collection[str], expires_in: float) -> None:
+        if isinstance(self._client, RedisCluster):
+            await self._register(*self._registration(instance, boards, expires_in))
+            return
         async with self._client.pipeline(transaction=True) as pipe:
             self._queue_heartbeat(pipe, instance, boards, expires_in)
             await pipe.execute()
@@ -129,13 +150,18 @@ class RedisPresence:
         members: Mapping[str, Collection[tuple[PresenceMember, int]]],
         expires_in: float,
     ) -> None:
-        """`heartbeat` with `members`' boards, and `set_member` for each, in one round trip."""
+        """`heartbeat` with `members`' boards, and `set_member` for each, in one round trip
+        (on a cluster, one per node, all at once)."""
         try:
             await self._beat(instance, members, expires_in)
         except NoScriptError:
-            # Redis lost its scripts (a restart): load it, then beat again (every write is an
-            # absolute count, so any that went through are simply written twice).
+            # Redis lost its scripts (a restart, or a promoted replica, which has no script
+            # cache): load them, then beat again (every write is an absolute count, so any
+            # that went through are simply written twice). On a cluster a load goes to every
+            # master.
             await self._client.script_load(SET_MEMBER)
+            if isinstance(self._client, RedisCluster):
+                await self._client.script_load(REGISTER)
             await self._beat(instance, members, expires_in)
 
     async def _beat(
@@ -144,22 +170,60 @@ class RedisPresence:
         members: Mapping[str, Collection[tuple[PresenceMember, int]]],
         expires_in: float,
     ) -> None:
+        if isinstance(self._client, RedisCluster):
+            await self._beat_on_cluster(self._client, instance, members, expires_in)
+            return
         async with self._client.pipeline(transaction=True) as pipe:
             self._queue_heartbeat(pipe, instance, members, expires_in)
-            for board_id, held in members.items():
-                keys, args = self._board(board_id)
-                for member, connections in held:
-                    field = f"{instance}:{member.id}"
-                    # EVALSHA, not the `Script`: a pipeline holding a `Script` first asks
-                    # `SCRIPT EXISTS`, a second round trip on every beat.
-                    pipe.evalsha(
-                        self._set_member.sha,
-                        len(keys),
-                        *keys,
-                        *args,
-                        *(field, member.id, connections, member_json(member)),
-                    )
+            self._queue_members(pipe, instance, members)
             await pipe.execute()
+
+    async def _beat_on_cluster(
+        self,
+        client: RedisCluster,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+        expires_in: float,
+    ) -> None:
+        """The beat where a transaction cannot span slots (and redis-py's asyncio cluster
+        transactions run each queued command in a thread of its own): one pipeline, which
+        redis-py sends as one request per node, all at once. The registry's step (one slot)
+        and each member's are atomic and write absolute values, so nothing needs them in one
+        transaction: one that failed is written again by the next beat."""
+        pipe = client.pipeline()
+        keys, args = self._registration(instance, members, expires_in)
+        pipe.execute_command("EVALSHA", self._register.sha, len(keys), *keys, *args)
+        self._queue_members(pipe, instance, members)
+        await pipe.execute()
+
+    def _registration(
+        self, instance: str, boards: Collection[str], expires_in: float
+    ) -> tuple[list[str], list[str | float]]:
+        keys = [self._keys.presence_instances, self._keys.presence_instance_boards(instance)]
+        return keys, [instance, _now_ms() + expires_in * 1000, *boards]
+
+    def _queue_members(
+        self,
+        pipe: Pipeline | ClusterPipeline,
+        instance: str,
+        members: Mapping[str, Collection[tuple[PresenceMember, int]]],
+    ) -> None:
+        for board_id, held in members.items():
+            keys, args = self._board(board_id)
+            for member, connections in held:
+                field = f"{instance}:{member.id}"
+                # EVALSHA, not the `Script`: a pipeline holding a `Script` first asks
+                # `SCRIPT EXISTS`, a second round trip on every beat. By name, since the
+                # cluster pipeline blocks its `evalsha` method, though it routes the command
+                # by its keys like any other (`RedisCluster._determine_slot`).
+                pipe.execute_command(
+                    "EVALSHA",
+                    self._set_member.sha,
+                    len(keys),
+                    *keys,
+                    *args,
+                    *(field, member.id, connections, member_json(member)),
+                )
 
     def _queue_heartbeat(
         self, pipe: Pipeline, instance: str, boards: Collection[str], expires_in: float
@@ -208,12 +272,61 @@ class RedisPresence:
 
 
 def redis_rate_limit_storage(settings: IngressSettings) -> Storage:
-    """The limits that hold across replicas, in Redis (redis-py's asyncio client)."""
-    return RedisStorage(
-        "async+" + settings.redis_url.get_secret_value(),
+    """The limits that hold across replicas, in Redis (redis-py's asyncio client), or in Redis
+    Cluster with `ADVANCED_REDIS_MODE=cluster` (each limit is one key: any slot will do)."""
+    options: dict[str, float | str | bool] = {
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+    }
+    prefix = f"{settings.redis_key_prefix}limits"
+    if settings.redis_mode == "standalone":
+        return RedisStorage(
+            "async+" + settings.redis_url.get_secret_value(),
+            implementation="redispy",
+            key_prefix=prefix,
+            wrap_exceptions=True,
+            **options,
+        )
+    uri, credentials = cluster_storage_uri(settings.redis_nodes)
+    return ClusterRateLimitStorage(
+        uri,
         implementation="redispy",
-        key_prefix=f"{settings.redis_key_prefix}limits",
+        key_prefix=prefix,
         wrap_exceptions=True,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
+        **options,
+        **credentials,
     )
+
+
+class ClusterRateLimitStorage(RedisClusterStorage):
+    """`limits`' cluster storage, whose wrapped exceptions include redis-py's
+    `RedisClusterException` (no `RedisError`: raised when no seed answers, or a slot has no
+    master yet), so that a cluster that is away is a `StorageError` like a Redis that is."""
+
+    @property
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        return (RedisError, RedisClusterException)
+
+
+def cluster_storage_uri(nodes: list[str]) -> tuple[str, dict[str, str | bool]]:
+    """`limits`' cluster URI (`async+redis+cluster://h1:p1,h2:p2`) for the seed URLs, and what
+    the URI cannot carry as the seeds do. The credentials go as options: `limits` reads the
+    URI's user and password without percent-decoding them. `rediss://` turns TLS on."""
+    seeds = [urlsplit(node) for node in nodes]
+    locations = ",".join(f"{seed.hostname or 'localhost'}:{seed.port or 6379}" for seed in seeds)
+    first = seeds[0]
+    options: dict[str, str | bool] = {}
+    if first.username:
+        options["username"] = unquote(first.username)
+    if first.password:
+        options["password"] = unquote(first.password)
+    if any(seed.scheme == "rediss" for seed in seeds):
+        options["ssl"] = True
+    return f"async+redis+cluster://{locations}", options
+
+
+async def close_rate_limit_storage(storage: Storage) -> None:
+    """Close the Redis client `limits` made for `storage` (it has no close of its own)."""
+    client = getattr(getattr(storage, "bridge", None), "storage", None)
+    if client is not None:
+        await client.aclose()
