@@ -33,9 +33,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from realtime_runtime.feed.store import (
-    RedisClient as RedisClient,
-)  # re-exported: the services name it here
+# Re-exported: the services take the client type from here, beside `redis_client`.
+from realtime_runtime.feed.store import RedisClient as RedisClient
 from realtime_runtime.observability import instrument_app
 from realtime_runtime.security import hardened_http_protocol, secure_app
 from realtime_runtime.settings import RedisSettings, ServiceSettings
