@@ -29,6 +29,10 @@ async def channel_frames(
 ) -> AsyncIterator[AsyncIterator[bytes]]:
     """A classic pub/sub channel's messages, once the subscription is confirmed (in cluster
     mode a PUBLISH reaches every node, so any node's connection hears it)."""
+    if isinstance(client, RedisCluster):
+        # Its pub/sub picks a node from the slot map, which a client that has sent nothing
+        # yet (an edge at start-up) does not have: redis-py raises KeyError(<slot>) then.
+        await client.initialize()
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(channel)
