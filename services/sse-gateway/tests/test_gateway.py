@@ -377,3 +377,23 @@ async def test_the_drain_cuts_a_stream_still_writing_after_the_drain_timeout(
             await until(lambda: _equals(gauge(url), 0), 2)
         finally:
             sock.close()
+
+
+async def test_a_stream_whose_channel_is_never_confirmed_gets_503_not_an_error(
+    transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops confirming subscriptions after the feed came up: the stream cannot promise
+    live events, so it answers 503 (retry shortly) before any header of a 200 went out."""
+    import realtime_runtime.feed.hub as hub_module
+    from realtime_runtime.memory import MemoryLiveFeed
+
+    async def never_confirmed(self: MemoryLiveFeed, channels: object) -> None:
+        return None
+
+    monkeypatch.setattr(hub_module, "JOIN_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(MemoryLiveFeed, "subscribe", never_confirmed)
+    async with served(transport) as (url, _app), httpx.AsyncClient(timeout=5) as http:
+        for route in ("/sse/boards/demo", "/sse/activity"):
+            response = await http.get(f"{url}{route}?token={TOKEN}")
+            assert response.status_code == 503, route
+            assert response.headers["retry-after"] == "1"

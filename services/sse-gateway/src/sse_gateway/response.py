@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import structlog
-from realtime_runtime.feed import HistoryLost, Queued, SlowConsumer, Subscription
+from realtime_runtime.feed import FeedUnavailable, HistoryLost, Queued, SlowConsumer, Subscription
 from realtime_runtime.presence import PresenceItem
 from realtime_runtime.security import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
@@ -48,6 +48,9 @@ STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
 ]
 _SERVER_SEND = "sse_gateway.server_send"
+# The answer when Redis did not confirm the stream's subscription, as `admit` gives when the
+# feed is down: come back in a second.
+_RETRY_SOON = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
 Ending = Literal["disconnected", "shutdown", "expired"]
 
 
@@ -187,8 +190,13 @@ class EventStreamResponse(Response):
         assert task is not None
         # Subscribed (confirmed by Redis) before the headers go: a client that saw the
         # response start misses no event published after that.
-        async with self._feed.subscribe() as subscription:
-            await self._stream(scope, receive, send, start, subscription, loop, task)
+        try:
+            async with self._feed.subscribe() as subscription:
+                await self._stream(scope, receive, send, start, subscription, loop, task)
+        except FeedUnavailable:  # raised by the subscription's entry only: nothing sent yet
+            await send({"type": "http.response.start", "status": 503, "headers": _RETRY_SOON})
+            body = b"The event feed is not connected; retry shortly."
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(
         self,

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from realtime_runtime.feed.replay import Replay, activity_pages, board_pages
 from realtime_runtime.feed.store import PAGE, READ_TIMEOUT_SECONDS, ActivityStore
-from realtime_runtime.feed.subscription import Subscription
+from realtime_runtime.feed.subscription import FeedUnavailable, Subscription
 from realtime_runtime.pubsub import Confirmed, LiveFeed
 
 # The name the hub has always logged under (before `feed` was a package).
@@ -27,8 +27,8 @@ T = TypeVar("T")
 # board) beyond those with subscribers of their own: past this, the first-seen are forgotten.
 MAX_TRACKED_BOARDS = 10_000
 # How long a joiner waits for its board's subscription to be confirmed (Redis unreachable:
-# the hub is reconnecting) before its stream gives up.
-JOIN_TIMEOUT_SECONDS = READ_TIMEOUT_SECONDS
+# the hub is reconnecting) before it is told the feed is unavailable (`FeedUnavailable`).
+JOIN_TIMEOUT_SECONDS = 10.0
 _ZERO = "0-0"
 
 
@@ -136,6 +136,9 @@ class ActivityHub(Generic[T]):
         try:
             async with asyncio.timeout(JOIN_TIMEOUT_SECONDS):
                 await future
+        except TimeoutError:
+            self._abandon(subscription, board_id, future)
+            raise FeedUnavailable("Redis did not confirm the subscription in time") from None
         except BaseException:
             self._abandon(subscription, board_id, future)
             raise

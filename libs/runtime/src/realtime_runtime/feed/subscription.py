@@ -29,6 +29,11 @@ class SlowConsumer(StreamInterrupted):
     """The client did not keep up: its bounded queue overflowed. It may resume."""
 
 
+class FeedUnavailable(StreamInterrupted):
+    """The subscription was not confirmed in time (Redis unreachable): no live event could be
+    promised, so the client is told to come back rather than left waiting."""
+
+
 class HistoryLost(StreamInterrupted):
     """Redis lost its data (restarted without persistence): sequences start again.
 
