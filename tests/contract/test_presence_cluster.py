@@ -289,13 +289,6 @@ def keys_on(url: str, prefix: str) -> list[str]:
         return list(node.scan_iter(match=f"{prefix}*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="realtime_runtime.pubsub.channel_frames subscribes through redis-py's ClusterPubSub, "
-    "which needs the slot map: on a cluster client that has not run a command yet it raises "
-    "KeyError(<slot>). The feed's per-node subscriptions replace it; then this passes.",
-)
 async def test_the_store_s_own_subscription_hears_every_board_on_a_fresh_cluster_client(
     cluster: LocalRedisCluster,
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,11 +20,12 @@ import redis.asyncio as redis
 from envelope import codec
 from envelope.cursors import BoardCursor
 from envelope.models import PresenceEntry, PresenceFrame, PresenceMember
-from envelope.topology import RedisKeys
+from envelope.topology import ACTIVITY_PARTS, RedisKeys, activity_part_of
 from ingress_ws.adapters.redis import RedisPresence
 from ingress_ws.presence import PresenceStore
-from realtime_runtime.feed import ActivityHub, ActivityStore, RedisActivityStore
+from realtime_runtime.feed import ActivityHub, ActivityStore, HistoryLost, RedisActivityStore
 from realtime_runtime.memory import MemoryPresence, MemoryStore
+from realtime_runtime.pubsub import Confirmed
 from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.relay import RelayStore
 from support.brokers import Brokers
@@ -39,22 +40,40 @@ class Stores:
     relay: RelayStore
     feed: ActivityStore
     presence: PresenceStore
+    # What a failover before the replica had the last writes leaves: the board's sequence
+    # and stream back to `keep` (the epoch stays).
+    lose_writes: Callable[[str, int], Awaitable[None]]
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         store = MemoryStore(retention=RETENTION)
-        yield Stores(store, store, MemoryPresence())
+
+        async def forget_in_memory(board_id: str, keep: int) -> None:
+            store.lose_writes(board_id, keep)
+
+        yield Stores(store, store, MemoryPresence(), forget_in_memory)
         return
     brokers: Brokers = request.getfixturevalue("brokers")
     keys = RedisKeys(prefix=f"t:{uuid.uuid4().hex[:12]}:", activity_channel=f"t:{uuid.uuid4().hex}")
     client = redis.from_url(brokers.redis_url)
+
+    async def forget_in_redis(board_id: str, keep: int) -> None:
+        # A stream never takes an id below its last one, even deleted: it is written anew.
+        stream = keys.board_stream(board_id)
+        kept = await client.xrange(stream, max=f"{keep}-0")
+        await client.delete(stream)
+        for entry_id, fields in kept:
+            await client.xadd(stream, fields, id=entry_id)
+        await client.set(keys.sequence(board_id), keep)
+
     try:
         yield Stores(
             RedisRelayStore(client, keys, RETENTION),
             RedisActivityStore(client, keys),
             RedisPresence(client, keys),
+            forget_in_redis,
         )
     finally:
         stale = [key async for key in client.scan_iter(match=f"{keys.prefix}*")]
@@ -88,27 +107,40 @@ async def test_relay_is_idempotent_per_board_and_correlation_id(stores: Stores) 
     assert [decoded(e.event)["correlation_id"] for e in events] == ["same"]
 
 
+# Two boards in two parts of the activity stream.
+A, B = "a", "b"
+PA, PB = activity_part_of(A), activity_part_of(B)
+assert PA != PB
+
+
 async def test_history_reads_after_a_cursor(stores: Stores) -> None:
     for n in range(5):
-        await stores.relay.relay("a" if n % 2 == 0 else "b", f"c{n}", body("x", f"c{n}"), 60)
-    board_a = await stores.feed.board_after("a", 1)
+        await stores.relay.relay(A if n % 2 == 0 else B, f"c{n}", body("x", f"c{n}"), 60)
+    board_a = await stores.feed.board_after(A, 1)
     assert [e.sequence for e in board_a] == [2, 3]
     assert all(decoded(e.event)["sequence"] == e.sequence for e in board_a)
-    everything = await stores.feed.activity_after("0-0")
-    assert [(e.board_id, e.sequence) for e in everything] == [
-        ("a", 1),
-        ("b", 1),
-        ("a", 2),
-        ("b", 2),
-        ("a", 3),
-    ]
-    later = await stores.feed.activity_after(everything[1].stream_id)
-    assert later == everything[2:]
-    assert board_a[0].stream_id == everything[2].stream_id  # both cursors name the same event
-    assert await stores.feed.board_head("a") == (1, 3)
+    part_a = await stores.feed.activity_after(PA, "0-0")
+    part_b = await stores.feed.activity_after(PB, "0-0")
+    assert [(e.board_id, e.sequence) for e in part_a] == [(A, 1), (A, 2), (A, 3)]
+    assert [(e.board_id, e.sequence) for e in part_b] == [(B, 1), (B, 2)]
+    assert await stores.feed.activity_after(PA, part_a[0].stream_id) == part_a[1:]
+    assert await stores.feed.parts_after({PA: part_a[1].stream_id, PB: "0-0"}) == {
+        PA: part_a[2:],
+        PB: part_b,
+    }
+    assert await stores.feed.boards_after({A: 1, B: 0, "nothing": 0}) == {
+        A: board_a,
+        B: await stores.feed.board_after(B, 0),
+        "nothing": [],
+    }
+    assert board_a[0].stream_id == part_a[1].stream_id  # both cursors name the same event
+    assert await stores.feed.board_head(A) == (1, 3)
     assert await stores.feed.board_head("nothing") == (0, 0)
-    oldest, newest = await stores.feed.activity_head()
-    assert (oldest, newest) == (everything[0].stream_id, everything[-1].stream_id)
+    heads = await stores.feed.activity_heads()
+    assert len(heads) == ACTIVITY_PARTS
+    assert heads[PA] == (part_a[0].stream_id, part_a[-1].stream_id)
+    assert heads[PB] == (part_b[0].stream_id, part_b[-1].stream_id)
+    assert all(head == ("0-0", "0-0") for p, head in enumerate(heads) if p not in (PA, PB))
 
 
 async def test_retention_trims_old_events(stores: Stores) -> None:
@@ -126,14 +158,34 @@ async def test_retention_trims_old_events(stores: Stores) -> None:
     assert replay_from_start.expired and replay_from_start.oldest_cursor == str(oldest)
 
 
-async def test_the_feed_yields_frames_published_after_subscribing(stores: Stores) -> None:
-    async with stores.feed.feed() as frames:
-        outcome = await stores.relay.relay("a", "live", body("a", "live"), 60)
-        frame = await asyncio.wait_for(anext(aiter(frames)), 5)
-    relayed = codec.RelayedEvent.from_frame(frame)
-    assert (relayed.board_id, relayed.sequence, relayed.stream_id) == ("a", 1, outcome.stream_id)
-    assert decoded(relayed.event)["correlation_id"] == "live"
-    assert outcome.receivers >= 1
+async def test_the_live_feed_confirms_in_band_and_yields_its_channels_frames_only(
+    stores: Stores,
+) -> None:
+    keys = stores.feed.keys
+    async with stores.feed.live() as live:
+        await live.subscribe([keys.board_events_channel(A)])
+        assert await asyncio.wait_for(live.next(), 5) == Confirmed(keys.board_events_channel(A))
+        await stores.relay.relay(B, "other", body(B, "other"), 60)  # not subscribed here
+        outcome = await stores.relay.relay(A, "live", body(A, "live"), 60)
+        frame = await asyncio.wait_for(live.next(), 5)
+        assert isinstance(frame, bytes)
+        relayed = codec.RelayedEvent.from_frame(frame)
+        assert (relayed.board_id, relayed.sequence, relayed.stream_id) == (A, 1, outcome.stream_id)
+        assert decoded(relayed.event)["correlation_id"] == "live"
+        assert outcome.receivers == 1
+
+        # The part's channel carries every board of the part; the sum is the receivers.
+        await live.subscribe([keys.activity_part_channel(PA)])
+        assert await asyncio.wait_for(live.next(), 5) == Confirmed(keys.activity_part_channel(PA))
+        both = await stores.relay.relay(A, "both", body(A, "both"), 60)
+        frames = [await asyncio.wait_for(live.next(), 5) for _ in range(2)]
+        assert frames[0] == frames[1] and both.receivers == 2
+        await live.unsubscribe([keys.board_events_channel(A), keys.activity_part_channel(PA)])
+        await stores.relay.relay(A, "gone", body(A, "gone"), 60)
+        await asyncio.sleep(0.1)
+        await live.subscribe([keys.board_events_channel(B)])
+        # Nothing of A's came after the unsubscribe: the next item is B's confirmation.
+        assert await asyncio.wait_for(live.next(), 5) == Confirmed(keys.board_events_channel(B))
 
 
 ALICE = PresenceMember(id="alice", name="Alice ✓")
@@ -258,7 +310,10 @@ async def test_the_hub_delivers_each_event_once_in_order(stores: Stores) -> None
     task = asyncio.create_task(hub.run())
     try:
         await asyncio.wait_for(hub.connected.wait(), 5)
-        with hub.subscribe_board("a", 100) as on_a, hub.subscribe_activity(None, 100) as on_all:
+        async with (
+            hub.subscribe_board("a", 100) as on_a,
+            hub.subscribe_activity(None, 100) as on_all,
+        ):
             for n in range(10):
                 await stores.relay.relay("a" if n < 6 else "b", f"c{n}", body("a", f"c{n}"), 60)
             board_seen = [(await asyncio.wait_for(on_a.next(), 5))[0].sequence for _ in range(6)]
@@ -293,11 +348,39 @@ async def test_a_replay_reads_the_next_page_only_when_the_last_was_taken(stores:
     assert [e.sequence for e in rest] == list(range(11, 31)) and board.until == 30
 
     counter.rows = 0
-    only_b = await hub.replay_activity("0-0", frozenset({"b"}))
+    start = ("0-0",) * ACTIVITY_PARTS
+    only_b = await hub.replay_activity(start, frozenset({"b"}))
     assert [(e.board_id, e.sequence) for page in [p async for p in only_b.pages] for e in page] == [
         ("b", n) for n in range(1, 11)
     ]
-    assert counter.rows == 40  # filtered per page, as read
+    assert counter.rows == 10  # only b's part of the activity stream is read
     counter.rows = 0
-    nothing = await hub.replay_activity("0-0", frozenset())
+    nothing = await hub.replay_activity(start, frozenset())
     assert [page async for page in nothing.pages] == [] and counter.rows == 0
+
+
+async def test_a_board_whose_sequence_goes_back_is_reset_not_renumbered(stores: Stores) -> None:
+    hub: ActivityHub[bytes] = ActivityHub(
+        stores.feed, render_board=lambda e: e.event, render_activity=lambda e: e.event
+    )
+    task = asyncio.create_task(hub.run())
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 5)
+        async with hub.subscribe_board(A, 100) as on_a:
+            for n in range(5):
+                await stores.relay.relay(A, f"c{n}", body(A, f"c{n}"), 60)
+            seen = [(await asyncio.wait_for(on_a.next(), 5))[0].sequence for _ in range(5)]
+            assert seen == [1, 2, 3, 4, 5]
+            await stores.lose_writes(A, 3)  # 4 and 5 are gone: the next two are 4 and 5 again
+            for n in range(5, 8):
+                await stores.relay.relay(A, f"c{n}", body(A, f"c{n}"), 60)
+            with pytest.raises(HistoryLost):
+                await asyncio.wait_for(on_a.next(), 5)
+            again = [await asyncio.wait_for(on_a.next(), 5) for _ in range(3)]
+            assert [event.sequence for event, _ in again] == [4, 5, 6]
+            assert [decoded(e.event)["correlation_id"] for e, _ in again] == ["c5", "c6", "c7"]
+            await asyncio.sleep(0.05)
+            assert on_a.queued == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

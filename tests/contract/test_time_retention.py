@@ -49,7 +49,8 @@ async def stores_for(request: pytest.FixtureRequest) -> AsyncIterator[StoresFor]
             store = MemoryStore(retention=100, retention_seconds=seconds)
 
             async def activity() -> list[tuple[str, int]]:
-                return [(e.board_id, e.sequence) for e in await store.activity_after("0-0")]
+                parts = await store.parts_after(dict.fromkeys(range(ACTIVITY_PARTS), "0-0"))
+                return [(e.board_id, e.sequence) for p in sorted(parts) for e in parts[p]]
 
             return Backend(store, store, activity)
 

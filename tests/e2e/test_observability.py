@@ -18,6 +18,7 @@ import pytest
 import redis
 from conftest import TOKEN
 from deploy.test_config_drift import DOCUMENTED_METRICS
+from envelope.topology import RedisKeys
 from prometheus_client.parser import text_string_to_metric_families
 from support.brokers import Brokers, Names
 from support.clients import board, sse
@@ -38,6 +39,7 @@ EXPORTED = {
         "advanced_websocket_replayed_events_total",
         "advanced_websocket_resets_total",
         "advanced_delivery_latency_seconds",
+        "advanced_feed_frames_received_total",
     ],
     "gateway": [
         "advanced_http_requests_total",
@@ -47,6 +49,7 @@ EXPORTED = {
         "advanced_sse_replayed_events_total",
         "advanced_sse_resets_total",
         "advanced_delivery_latency_seconds",
+        "advanced_feed_frames_received_total",
     ],
     "worker": [
         "advanced_http_requests_total",
@@ -453,7 +456,8 @@ async def test_retries_and_dead_letters_are_counted_and_logged(
     # event is retried once, then dead-lettered, each step logged with its board and id.
     red = redis.Redis.from_url(brokers.redis_url)
     try:
-        red.set(f"{env['ADVANCED_REDIS_KEY_PREFIX']}board:poisoned:seq", "not-a-number")
+        keys = RedisKeys(env["ADVANCED_REDIS_KEY_PREFIX"], env["ADVANCED_ACTIVITY_CHANNEL"])
+        red.set(keys.sequence("poisoned"), "not-a-number")
     finally:
         red.close()
     async with board(f"{ingress.ws_url}/ws/boards/poisoned?token={TOKEN}") as client:

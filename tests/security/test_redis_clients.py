@@ -21,6 +21,7 @@ import pytest
 from ingress_ws.adapters.redis import close_rate_limit_storage, redis_rate_limit_storage
 from ingress_ws.settings import IngressSettings
 from realtime_runtime.feed import RedisActivityStore
+from realtime_runtime.pubsub import Confirmed
 from realtime_runtime.service import redis_client
 from realtime_runtime.settings import RedisSettings
 from redis.asyncio.cluster import RedisCluster
@@ -72,10 +73,13 @@ async def test_the_feed_stays_subscribed_on_an_idle_channel_past_the_socket_time
     client = redis_client(settings)
     try:
         store = RedisActivityStore(client, settings.redis_keys)
-        async with store.feed() as frames:
+        channel = settings.redis_keys.board_events_channel("b")
+        async with store.live() as live:
+            await live.subscribe([channel])
+            assert await asyncio.wait_for(live.next(), 5) == Confirmed(channel)
             await asyncio.sleep(1.5)  # idle for three socket timeouts: the point of the test
-            await client.publish(settings.activity_channel, b"0-1 b 1\n{}")
-            frame = await asyncio.wait_for(anext(frames), 5)
+            await client.publish(channel, b"0-1 b 1\n{}")
+            frame = await asyncio.wait_for(live.next(), 5)
         assert frame == b"0-1 b 1\n{}"
     finally:
         await client.aclose()

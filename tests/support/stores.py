@@ -27,3 +27,13 @@ class ReadCounter:
         events: list[RelayedEvent] = await self.store.activity_after(*args, **kwargs)
         self.rows += len(events)
         return events
+
+    async def boards_after(self, *args: Any, **kwargs: Any) -> dict[str, list[RelayedEvent]]:
+        pages: dict[str, list[RelayedEvent]] = await self.store.boards_after(*args, **kwargs)
+        self.rows += sum(len(events) for events in pages.values())
+        return pages
+
+    async def parts_after(self, *args: Any, **kwargs: Any) -> dict[int, list[RelayedEvent]]:
+        pages: dict[int, list[RelayedEvent]] = await self.store.parts_after(*args, **kwargs)
+        self.rows += sum(len(events) for events in pages.values())
+        return pages

@@ -299,3 +299,26 @@ def test_the_session_cookie_is_host_prefixed_when_secure(
             assert orjson.loads(ws.receive_text())["kind"] == "ack"
         ended = client.delete("/session", headers={"Origin": "http://localhost"})
         assert ended.headers["set-cookie"].startswith(f"{name}=")
+
+
+def test_a_socket_opened_while_the_event_feed_is_down_is_told_to_come_back(
+    transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board's channel cannot be subscribed (Redis unreachable): the socket is closed
+    with 1013 (try again later) once the join gives up, never left without live events or
+    cut with an internal error."""
+    import realtime_runtime.feed.hub as hub_module
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    @contextlib.asynccontextmanager
+    async def unreachable() -> Any:
+        raise RedisConnectionError("Redis is unreachable")
+        yield
+
+    monkeypatch.setattr(hub_module, "JOIN_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(transport.store, "live", unreachable)
+    settings = IngressSettings(
+        _env_file=None, event_transport="memory", realtime_token=TOKEN, environment="test"
+    )
+    with TestClient(create_app(settings, memory=transport)) as down:
+        assert close_code(down, f"/ws/boards/demo?token={TOKEN}") == 1013

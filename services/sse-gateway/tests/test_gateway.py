@@ -14,7 +14,9 @@ import httpx
 import pytest
 import uvicorn
 from envelope import codec
+from envelope.cursors import activity_cursor, parse_activity_cursor
 from envelope.models import BoardEventEnvelope, PresenceMember
+from envelope.topology import ACTIVITY_PARTS, activity_part_of
 from fastapi import FastAPI
 from realtime_runtime.memory import MemoryStore, MemoryTransport
 from sse_gateway.app import create_app
@@ -153,19 +155,44 @@ async def test_an_expired_cursor_gets_a_reset_then_what_is_retained(
     assert replayed == [8, 9, 10, 11, 12]
 
 
-async def test_the_activity_stream_resumes_by_stream_id(
+def vector(**entries: str) -> str:
+    """An activity cursor: `p<N>=<id>` entries, every other part at 0."""
+    ids = ["0-0"] * ACTIVITY_PARTS
+    for name, stream_id in entries.items():
+        ids[int(name[1:])] = stream_id
+    return activity_cursor(ids)
+
+
+async def test_the_activity_stream_resumes_by_its_vector_of_part_ids(
     url: str, transport: MemoryTransport
 ) -> None:
-    await relay(transport, "a", 2)
-    history = await transport.store.activity_after("0-0")
+    a, b = (
+        "a",
+        next(f"b{n}" for n in range(100) if activity_part_of(f"b{n}") != activity_part_of("a")),
+    )
+    pa, pb = activity_part_of(a), activity_part_of(b)
+    await relay(transport, a, 2)
+    history = await transport.store.activity_after(pa, "0-0")
+    cursor = vector(**{f"p{pa}": history[0].stream_id})
+    async with sse(f"{url}/sse/activity?token={TOKEN}", {"Last-Event-ID": cursor}) as stream:
+        replayed = await stream.next()
+        await relay(transport, b, 1)
+        live = await stream.next()
+    [b_event] = await transport.store.activity_after(pb, "0-0")
+    # Each event's id is the stream's own position: every part's last id sent.
+    assert replayed.id == vector(**{f"p{pa}": history[1].stream_id})
+    assert live.json()["board_id"] == b
+    assert live.id == vector(**{f"p{pa}": history[1].stream_id, f"p{pb}": b_event.stream_id})
+    assert parse_activity_cursor(live.id) is not None
+
+    # A cursor of one stream id (from before the stream was split) is a reset, not an error.
     async with sse(
         f"{url}/sse/activity?token={TOKEN}", {"Last-Event-ID": history[0].stream_id}
-    ) as stream:
-        replayed = await stream.next()
-        await relay(transport, "b", 1)
-        live = await stream.next()
-    assert replayed.id == history[1].stream_id
-    assert live.json()["board_id"] == "b"
+    ) as old:
+        reset = await old.next(kind="reset")
+        again = [(await old.next()).json()["board_id"] for _ in range(3)]
+    assert reset.json()["reason"] == "cursor_expired"
+    assert sorted(again) == sorted([a, a, b])
 
 
 async def test_refusals_are_json_with_the_contract_statuses(url: str) -> None:
@@ -350,3 +377,23 @@ async def test_the_drain_cuts_a_stream_still_writing_after_the_drain_timeout(
             await until(lambda: _equals(gauge(url), 0), 2)
         finally:
             sock.close()
+
+
+async def test_a_stream_whose_channel_is_never_confirmed_gets_503_not_an_error(
+    transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops confirming subscriptions after the feed came up: the stream cannot promise
+    live events, so it answers 503 (retry shortly) before any header of a 200 went out."""
+    import realtime_runtime.feed.hub as hub_module
+    from realtime_runtime.memory import MemoryLiveFeed
+
+    async def never_confirmed(self: MemoryLiveFeed, channels: object) -> None:
+        return None
+
+    monkeypatch.setattr(hub_module, "JOIN_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(MemoryLiveFeed, "subscribe", never_confirmed)
+    async with served(transport) as (url, _app), httpx.AsyncClient(timeout=5) as http:
+        for route in ("/sse/boards/demo", "/sse/activity"):
+            response = await http.get(f"{url}{route}?token={TOKEN}")
+            assert response.status_code == 503, route
+            assert response.headers["retry-after"] == "1"

@@ -7,9 +7,12 @@ refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from envelope.codec import RelayedEvent
+from envelope.topology import ACTIVITY_PARTS
 
 # Redis keeps a board's sequence with INCR (signed 64 bits) and a stream id as two unsigned
 # 64-bit numbers: a cursor past either is no cursor Redis could have given.
@@ -74,14 +77,38 @@ def older_epoch(epoch: str, than: str) -> bool:
     return (len(epoch), epoch) < (len(than), than)
 
 
-def parse_activity_cursor(cursor: str | None) -> str | None:
-    """The one reading of an `/sse/activity` cursor (a stream id, `<ms>` or `<ms>-<seq>`) in
-    the form Redis takes; None when Redis would refuse it (a reset then, not an error)."""
-    if cursor is None:
-        return None
-    ms, dash, seq = cursor.partition("-")
+def parse_stream_id(text: str) -> str | None:
+    """A stream id (`<ms>` or `<ms>-<seq>`) in the form Redis takes; None when Redis would
+    refuse it."""
+    ms, dash, seq = text.partition("-")
     high = _number(ms, MAX_STREAM_ID_PART)
     low = _number(seq, MAX_STREAM_ID_PART) if dash else 0
     if high is None or low is None:
         return None
     return f"{high}-{low}"
+
+
+ActivityCursor = tuple[str, ...]
+"""Where an `/sse/activity` client resumes: the last stream id of each part of the activity
+stream (`topology.ACTIVITY_PARTS` of them), in part order."""
+
+
+def parse_activity_cursor(cursor: str | None) -> ActivityCursor | None:
+    """The one reading of an `/sse/activity` cursor: one stream id per part of the activity
+    stream, in part order, comma-separated (`<ms>-<seq>,<ms>-<seq>,...`; `0` is `0-0`). None
+    when it is no such vector, e.g. a single stream id from before the stream was split: the
+    client is then reset, not refused."""
+    if cursor is None:
+        return None
+    entries = cursor.split(",")
+    if len(entries) != ACTIVITY_PARTS:
+        return None
+    parsed = tuple(parse_stream_id(entry) for entry in entries)
+    if any(entry is None for entry in parsed):
+        return None
+    return cast(ActivityCursor, parsed)
+
+
+def activity_cursor(stream_ids: Sequence[str]) -> str:
+    """The SSE `id:` of the activity stream: `parse_activity_cursor`'s format, `0` for `0-0`."""
+    return ",".join("0" if stream_id == "0-0" else stream_id for stream_id in stream_ids)

@@ -21,8 +21,10 @@ from envelope.codec import RelayedEvent, with_sequence
 from envelope.cursors import stream_id_key
 from envelope.models import PresenceEntry, PresenceMember
 from envelope.presence import member_json, presence_frame, presence_message
+from envelope.topology import ACTIVITY_PARTS, RedisKeys, activity_part_of
 
 from realtime_runtime.feed import PAGE
+from realtime_runtime.pubsub import Confirmed, LiveItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +102,31 @@ class MemoryBroker:
 
 
 class MemoryStore:
-    """Redis as the suite uses it: relay step, board and activity streams, pub/sub."""
+    """Redis as the suite uses it: relay step, board streams, the parts of the activity stream,
+    and pub/sub by channel (a board's channel and its part's, as the relay's Lua step)."""
 
-    def __init__(self, retention: int = 10_000, retention_seconds: float = 0) -> None:
+    def __init__(
+        self,
+        retention: int = 10_000,
+        retention_seconds: float = 0,
+        *,
+        keys: RedisKeys | None = None,
+    ) -> None:
         self._retention = retention
         self._retention_ms = int(retention_seconds * 1000)  # 0: by count only
+        self._keys = keys or RedisKeys(prefix="memory:", activity_channel="activity")
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._sequences: dict[str, int] = {}
         self._epochs: dict[str, str] = {}
         self._boards: dict[str, deque[RelayedEvent]] = {}
-        self._activity: deque[RelayedEvent] = deque(maxlen=retention)
-        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self._activity = [deque[RelayedEvent](maxlen=retention) for _ in range(ACTIVITY_PARTS)]
+        self._channels: dict[str, set[MemoryLiveFeed]] = {}
+        self._firehose: set[asyncio.Queue[bytes]] = set()
         self._clock = itertools.count(1)
+
+    @property
+    def keys(self) -> RedisKeys:
+        return self._keys
 
     async def relay(
         self, board_id: str, correlation_id: str, body: bytes, ttl_seconds: int
@@ -129,13 +144,23 @@ class MemoryStore:
         stream_id = f"{int(time.time() * 1000)}-{next(self._clock)}"
         relayed = RelayedEvent(stream_id, board_id, sequence, event, epoch)
         self._boards.setdefault(board_id, deque(maxlen=self._retention)).append(relayed)
-        self._activity.append(relayed)
-        self._trim(self._activity)
+        part = activity_part_of(board_id)
+        self._activity[part].append(relayed)
+        self._trim(self._activity[part])
         self._seen[(board_id, correlation_id)] = (sequence, now + ttl_seconds)
         frame = relayed.to_frame()
-        for subscriber in self._subscribers:
-            subscriber.put_nowait(frame)
-        return RelayOutcome(True, sequence, stream_id, len(self._subscribers), epoch)
+        receivers = self.publish(self._keys.board_events_channel(board_id), frame)
+        receivers += self.publish(self._keys.activity_part_channel(part), frame)
+        for queue in self._firehose:
+            queue.put_nowait(frame)
+        return RelayOutcome(True, sequence, stream_id, receivers, epoch)
+
+    def publish(self, channel: str, frame: bytes) -> int:
+        """PUBLISH: the sessions subscribed to `channel` get the frame; returns how many."""
+        listeners = self._channels.get(channel, ())
+        for listener in listeners:
+            listener.deliver(frame)
+        return len(listeners)
 
     def _trim(self, events: deque[RelayedEvent] | None) -> None:
         """Drop what is older than the time-based retention (Redis: XTRIM MINID, PEXPIRE)."""
@@ -151,17 +176,37 @@ class MemoryStore:
         self._sequences.pop(board_id, None)
         self._boards.pop(board_id, None)
 
+    def lose_writes(self, board_id: str, keep: int) -> None:
+        """What a failover before the replica had the last writes does: the board's sequence
+        and stream go back to `keep` (its epoch stays), and the next event is `keep + 1`."""
+        self._sequences[board_id] = keep
+        events = self._boards.get(board_id)
+        if events is not None:
+            kept = [event for event in events if event.sequence <= keep]
+            events.clear()
+            events.extend(kept)
+
     async def board_epoch(self, board_id: str) -> str | None:
         return self._epochs.get(board_id) if board_id in self._sequences else None
 
     @contextlib.asynccontextmanager
+    async def live(self) -> AsyncIterator[MemoryLiveFeed]:
+        session = MemoryLiveFeed(self._channels)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    @contextlib.asynccontextmanager
     async def feed(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Every frame the relay publishes, once per event (whatever its channels): what a
+        test of the relay watches."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._subscribers.add(queue)
+        self._firehose.add(queue)
         try:
             yield self._frames(queue)
         finally:
-            self._subscribers.discard(queue)
+            self._firehose.discard(queue)
 
     @staticmethod
     async def _frames(queue: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
@@ -175,10 +220,25 @@ class MemoryStore:
         events = self._boards.get(board_id, ())
         return list(itertools.islice((e for e in events if e.sequence > sequence), count))
 
-    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
+    async def boards_after(
+        self, after: Mapping[str, int], count: int = PAGE
+    ) -> dict[str, list[RelayedEvent]]:
+        return {b: await self.board_after(b, sequence, count) for b, sequence in after.items()}
+
+    async def activity_after(
+        self, part: int, stream_id: str, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        # A part only its own boards' writes trim: past the time limit it goes as a whole, as
+        # its key expires in Redis.
+        self._trim(self._activity[part])
         after = stream_id_key(stream_id)
-        later = (e for e in self._activity if stream_id_key(e.stream_id) > after)
+        later = (e for e in self._activity[part] if stream_id_key(e.stream_id) > after)
         return list(itertools.islice(later, count))
+
+    async def parts_after(
+        self, after: Mapping[int, str], count: int = PAGE
+    ) -> dict[int, list[RelayedEvent]]:
+        return {p: await self.activity_after(p, stream_id, count) for p, stream_id in after.items()}
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
         events = self._boards.get(board_id)
@@ -187,10 +247,50 @@ class MemoryStore:
             return 0, 0
         return events[0].sequence, events[-1].sequence
 
-    async def activity_head(self) -> tuple[str, str]:
-        if not self._activity:
-            return "0-0", "0-0"
-        return self._activity[0].stream_id, self._activity[-1].stream_id
+    async def activity_heads(self) -> list[tuple[str, str]]:
+        for events in self._activity:
+            self._trim(events)
+        return [
+            (events[0].stream_id, events[-1].stream_id) if events else ("0-0", "0-0")
+            for events in self._activity
+        ]
+
+
+class MemoryLiveFeed:
+    """`LiveFeed` in memory: a subscription is confirmed in band, as Redis does."""
+
+    def __init__(self, channels: dict[str, set[MemoryLiveFeed]]) -> None:
+        self._channels = channels
+        self._queue: asyncio.Queue[LiveItem] = asyncio.Queue()
+        self._mine: set[str] = set()
+
+    def deliver(self, frame: bytes) -> None:
+        self._queue.put_nowait(frame)
+
+    async def subscribe(self, channels: Collection[str]) -> None:
+        for channel in channels:
+            self._channels.setdefault(channel, set()).add(self)
+            self._mine.add(channel)
+            self._queue.put_nowait(Confirmed(channel))
+
+    async def unsubscribe(self, channels: Collection[str]) -> None:
+        for channel in channels:
+            self._drop(channel)
+
+    def _drop(self, channel: str) -> None:
+        self._mine.discard(channel)
+        listeners = self._channels.get(channel)
+        if listeners is not None:
+            listeners.discard(self)
+            if not listeners:
+                del self._channels[channel]
+
+    async def next(self) -> LiveItem:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        for channel in list(self._mine):
+            self._drop(channel)
 
 
 class MemoryPresence:

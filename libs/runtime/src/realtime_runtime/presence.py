@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import orjson
-import redis.asyncio as redis
 from envelope.topology import RedisKeys
 from redis.exceptions import RedisError
 
+from realtime_runtime.feed.store import RedisClient
 from realtime_runtime.pubsub import channel_frames
 
 if TYPE_CHECKING:  # the feed's queue holds `PresenceItem`s: it imports this module
@@ -47,7 +47,7 @@ class RedisPresenceChanges:
     """The presence channel on Redis pub/sub, read like the activity channel (liveness pings,
     a silent resubscription raised as a lost connection)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: RedisClient, keys: RedisKeys) -> None:
         self._client = client
         self._keys = keys
 

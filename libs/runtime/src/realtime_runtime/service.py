@@ -21,12 +21,20 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_fastapi_instrumentator import Instrumentator
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+# Re-exported: the services take the client type from here, beside `redis_client`.
+from realtime_runtime.feed.store import RedisClient as RedisClient
 from realtime_runtime.observability import instrument_app
 from realtime_runtime.security import hardened_http_protocol, secure_app
 from realtime_runtime.settings import RedisSettings, ServiceSettings
@@ -36,12 +44,6 @@ Readiness = Callable[[], Awaitable[dict[str, bool | str]]]
 log = structlog.get_logger("realtime_runtime.service")
 
 REDIS_HEALTH_CHECK_SECONDS = 5
-
-
-RedisClient = redis.Redis | RedisCluster
-"""A standalone client or a cluster one (`ADVANCED_REDIS_MODE`): both run the commands, scripts
-and non-transactional pipelines the suite sends; pub/sub and transactions differ and are
-chosen where they are used (`realtime_runtime.pubsub`)."""
 
 
 def redis_client(settings: RedisSettings, **overrides: Any) -> RedisClient:
@@ -68,6 +70,16 @@ def redis_client(settings: RedisSettings, **overrides: Any) -> RedisClient:
         ClusterNode(url.hostname or "localhost", url.port or 6379) for url in map(urlsplit, others)
     ]
     return RedisCluster.from_url(first, startup_nodes=seeds or None, **options)
+
+
+def feed_frames_counter(registry: CollectorRegistry) -> Counter:
+    """Frames this edge process read from Redis pub/sub (before de-duplication), on both edges:
+    with channels per board, a process draws only its own clients' boards' traffic."""
+    return Counter(
+        "advanced_feed_frames_received",
+        "Relay frames this process received from Redis pub/sub, duplicates included.",
+        registry=registry,
+    )
 
 
 def delivery_latency_histogram(registry: CollectorRegistry) -> Histogram:

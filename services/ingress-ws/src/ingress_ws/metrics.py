@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from realtime_runtime.observability import DeliveryTracker
-from realtime_runtime.service import delivery_latency_histogram
+from realtime_runtime.service import delivery_latency_histogram, feed_frames_counter
 
 from ingress_ws.publishing import TRANSPORTS
 
@@ -27,6 +27,7 @@ class IngressMetrics:
         self.connections = Gauge(
             "advanced_websocket_connections", "Open board WebSockets.", registry=registry
         )
+        self.feed_frames = feed_frames_counter(registry)
         self.frames = Counter(
             "advanced_websocket_frames",
             "Client frames received, by outcome.",

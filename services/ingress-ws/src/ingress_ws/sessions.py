@@ -24,7 +24,7 @@ from envelope.models import (
 from limits import parse
 from opentelemetry import context as otel_context
 from pydantic import BaseModel
-from realtime_runtime.feed import HistoryLost, SlowConsumer, Subscription
+from realtime_runtime.feed import FeedUnavailable, HistoryLost, SlowConsumer, Subscription
 from realtime_runtime.presence import PresenceItem
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -78,7 +78,7 @@ class BoardSocket:
         runtime.metrics.connections.inc()
         runtime.presence.join(self.board_id, self.member)
         try:
-            with runtime.hub.subscribe_board(
+            async with runtime.hub.subscribe_board(
                 self.board_id, runtime.settings.websocket_send_queue
             ) as subscription:
                 self._subscription = subscription
@@ -106,6 +106,9 @@ class BoardSocket:
         except SlowConsumer:
             self._log.warning("closing a slow consumer")
             await self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
+        except FeedUnavailable:
+            self._log.warning("the board's channel was not confirmed; the client will retry")
+            await self.close(CloseCode.TRY_AGAIN, "live events unavailable: reconnect shortly")
         except WebSocketDisconnect:
             pass
         finally:

@@ -86,6 +86,7 @@ def build_runtime(
         render_activity=lambda e: "",
     )
     hub.on_event = metrics.delivery.on_event
+    hub.on_frame = metrics.feed_frames.inc
     client_limit = settings.websocket_client_rate_limit
     return IngressRuntime(
         settings=settings,

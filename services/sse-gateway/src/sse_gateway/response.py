@@ -22,11 +22,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import structlog
-from realtime_runtime.feed import HistoryLost, Queued, SlowConsumer, Subscription
+from realtime_runtime.feed import FeedUnavailable, HistoryLost, Queued, SlowConsumer, Subscription
 from realtime_runtime.presence import PresenceItem
 from realtime_runtime.security import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
@@ -36,7 +36,6 @@ from sse_gateway.streams import (
     WRITE_BATCH,
     GatewayMetrics,
     expired_frame,
-    joined,
     slow_consumer_frame,
 )
 
@@ -49,6 +48,9 @@ STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
 ]
 _SERVER_SEND = "sse_gateway.server_send"
+# The answer when Redis did not confirm the stream's subscription, as `admit` gives when the
+# feed is down: come back in a second.
+_RETRY_SOON = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
 Ending = Literal["disconnected", "shutdown", "expired"]
 
 
@@ -58,7 +60,7 @@ class Feed(Protocol):
     route: str
     board_id: str | None
 
-    def subscribe(self) -> AbstractContextManager[Subscription[bytes]]: ...
+    def subscribe(self) -> AbstractAsyncContextManager[Subscription[bytes]]: ...
 
     def replay(self) -> AsyncGenerator[bytes, None]:
         """The chunks owed on resume (a reset, then a page of retained events per chunk), once
@@ -66,6 +68,10 @@ class Feed(Protocol):
         ...
 
     def fresh(self, batch: list[tuple[Queued, bytes]]) -> list[tuple[Queued, bytes]]: ...
+
+    def frames(self, fresh: list[tuple[Queued, bytes]]) -> bytes:
+        """What `fresh` returned, as one chunk for this stream."""
+        ...
 
     def history_lost(self) -> bytes:
         """The reset frame; the stream starts again from the new history."""
@@ -182,6 +188,26 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         self._task = task = asyncio.current_task()
         assert task is not None
+        # Subscribed (confirmed by Redis) before the headers go: a client that saw the
+        # response start misses no event published after that.
+        try:
+            async with self._feed.subscribe() as subscription:
+                await self._stream(scope, receive, send, start, subscription, loop, task)
+        except FeedUnavailable:  # raised by the subscription's entry only: nothing sent yet
+            await send({"type": "http.response.start", "status": 503, "headers": _RETRY_SOON})
+            body = b"The event feed is not connected; retry shortly."
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _stream(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        start: Message,
+        subscription: Subscription[bytes],
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+    ) -> None:
         await send(start)
         server: _ServerSend | None = scope.get(_SERVER_SEND)
         write = send
@@ -192,18 +218,15 @@ class EventStreamResponse(Response):
         self._registry.add(self)
         self._watch_disconnect(receive)
         try:
-            with self._feed.subscribe() as subscription:
-                self._subscription = subscription
-                self._last_beat = loop.time()
-                self._arm(loop)
-                try:
-                    await self._replay(write, loop)
-                    await self._pump(write, subscription, loop)
-                finally:
-                    _count_if_cut(
-                        subscription.overflowed or self._stalled, self._metrics, self._feed
-                    )
-                    self._subscription = None
+            self._subscription = subscription
+            self._last_beat = loop.time()
+            self._arm(loop)
+            try:
+                await self._replay(write, loop)
+                await self._pump(write, subscription, loop)
+            finally:
+                _count_if_cut(subscription.overflowed or self._stalled, self._metrics, self._feed)
+                self._subscription = None
             if self._ending != "disconnected":
                 self._watcher.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -249,7 +272,7 @@ class EventStreamResponse(Response):
                 fresh = feed.fresh(batch)
                 if fresh:
                     sent.inc(len(fresh))
-                    await self._write(write, joined(fresh), loop)
+                    await self._write(write, feed.frames(fresh), loop)
                     for event, _frame in fresh:
                         if not isinstance(event, PresenceItem):  # only events have a latency
                             written(event)

@@ -73,6 +73,7 @@ class Gateway:
                 transport.store, render_board=board_frame, render_activity=activity_frame
             )
             hub.on_event = self.metrics.delivery.on_event
+            hub.on_frame = self.metrics.feed_frames.inc
             runtime = self.runtime = GatewayRuntime(hub, transport.feed_flag)
             fanout = PresenceFanout(transport.presence, hub, presence_frame)
             background = [asyncio.create_task(hub.run()), asyncio.create_task(fanout.run())]

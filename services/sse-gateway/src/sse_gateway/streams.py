@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 
 import orjson
 from envelope.codec import RelayedEvent
-from envelope.cursors import board_cursor, parse_activity_cursor, parse_board_cursor, stream_id_key
+from envelope.cursors import (
+    activity_cursor,
+    board_cursor,
+    parse_activity_cursor,
+    parse_board_cursor,
+    stream_id_key,
+)
+from envelope.topology import activity_part_of
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from realtime_runtime.feed import ActivityHub, Queued, Replay, Subscription
 from realtime_runtime.observability import DeliveryTracker
 from realtime_runtime.presence import PresenceItem
-from realtime_runtime.service import delivery_latency_histogram
+from realtime_runtime.service import delivery_latency_histogram, feed_frames_counter
 from sse_starlette import ServerSentEvent
 
 # Events written to a stream in one chunk when several are waiting: a client that fell a
@@ -46,6 +53,7 @@ class GatewayMetrics:
             registry=registry,
         )
         self.latency = delivery_latency_histogram(registry)
+        self.feed_frames = feed_frames_counter(registry)
         # One span per event fanned out here; latency observed at each stream write.
         self.delivery = DeliveryTracker("sse", self.latency.labels("sse").observe)
 
@@ -64,7 +72,7 @@ def field_safe(text: str) -> str:
     return text
 
 
-def _activity(event: RelayedEvent, event_id: str) -> bytes:
+def _activity(event: RelayedEvent, event_id: str | None) -> bytes:
     """An `activity` frame (sse-starlette's encoder), encoded once per process for all streams."""
     return ServerSentEvent(
         field_safe(event.event.decode(errors="replace")), id=event_id, event="activity"
@@ -76,7 +84,13 @@ def board_frame(event: RelayedEvent) -> bytes:
 
 
 def activity_frame(event: RelayedEvent) -> bytes:
-    return _activity(event, field_safe(event.stream_id))
+    """An `/sse/activity` frame without its `id:`: each stream's id is its own cursor (the
+    vector of the parts' last ids), put in front of the frame encoded once per process."""
+    return _activity(event, None)
+
+
+def with_activity_id(cursor: list[str], frame: bytes) -> bytes:
+    return b"id: " + activity_cursor(cursor).encode() + b"\r\n" + frame
 
 
 def presence_frame(frame: bytes) -> bytes:
@@ -88,7 +102,7 @@ def _event(data: Mapping[str, object], kind: str) -> bytes:
     return ServerSentEvent(orjson.dumps(data).decode(), event=kind).encode()
 
 
-def _reset(replay: Replay[int] | Replay[str], board_id: str | None) -> bytes:
+def _reset(replay: Replay[int] | Replay[tuple[str, ...]], board_id: str | None) -> bytes:
     data = {"reason": replay.reason, "board_id": board_id, "oldest_cursor": replay.oldest_cursor}
     return _event(data, "reset")
 
@@ -133,7 +147,7 @@ class BoardFeed:
         self._queue = queue
         self._last = 0
 
-    def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
+    def subscribe(self) -> AbstractAsyncContextManager[Subscription[bytes]]:
         return self._hub.subscribe_board(self._board_id, self._queue)
 
     async def replay(self) -> AsyncGenerator[bytes, None]:
@@ -163,13 +177,20 @@ class BoardFeed:
         self._last = newest
         return fresh
 
+    def frames(self, fresh: list[tuple[Queued, bytes]]) -> bytes:
+        return joined(fresh)
+
     def history_lost(self) -> bytes:
         self._last = 0
         return history_lost_frame(self._board_id)
 
 
 class ActivityFeed:
-    """Every board (or the credential's boards) by activity stream id, with the same resume."""
+    """Every board (or the credential's boards) by activity stream id, with the same resume.
+
+    Its cursor is the vector of the parts' last ids (`envelope.cursors.parse_activity_cursor`):
+    each stream keeps its own and sends it as the `id:` of every event.
+    """
 
     route = "activity"
     board_id: str | None = None
@@ -187,42 +208,58 @@ class ActivityFeed:
         self._boards = boards
         self._cursor = cursor
         self._queue = queue
-        # Where the replay ended: live events up to it were already sent.
-        self._seam: tuple[int, int] | None = None
+        # The last id sent of each part: live events at or before it were already sent.
+        self._position: list[str] = []
 
-    def subscribe(self) -> AbstractContextManager[Subscription[bytes]]:
+    def subscribe(self) -> AbstractAsyncContextManager[Subscription[bytes]]:
         return self._hub.subscribe_activity(self._boards, self._queue)
 
     async def replay(self) -> AsyncGenerator[bytes, None]:
         if self._cursor is None:
+            # Live from now on: the position is where every part is now.
+            self._position = list(await self._hub.activity_newest())
             return
         cursor = parse_activity_cursor(self._cursor)
         replay = await self._hub.replay_activity(cursor, self._boards)
-        self._seam = stream_id_key(replay.until)
+        if cursor is not None and not replay.expired:
+            self._position = list(cursor)
+        else:
+            self._position = ["0-0"] * len(replay.until)
         if replay.expired:
             self._metrics.resets.inc()
             yield _reset(replay, None)
         async with contextlib.aclosing(replay.pages) as pages:
             async for page in pages:
                 self._metrics.replayed.inc(len(page))
-                yield b"".join(activity_frame(event) for event in page)
+                yield b"".join(self._identified(event, activity_frame(event)) for event in page)
+        # Every part is read up to where the replay ends, whatever it held for this stream.
+        self._position = [
+            max(mine, newest, key=stream_id_key)
+            for mine, newest in zip(self._position, replay.until, strict=True)
+        ]
+
+    def _identified(self, event: RelayedEvent, frame: bytes) -> bytes:
+        self._position[activity_part_of(event.board_id)] = event.stream_id
+        return with_activity_id(self._position, frame)
 
     def fresh(self, batch: list[tuple[Queued, bytes]]) -> list[tuple[Queued, bytes]]:
-        seam = self._seam
-        if seam is None:
-            return batch
-        # Presence reaches board streams only; kept for the type's sake, never a duplicate.
-        batch = [
-            (e, f)
-            for e, f in batch
-            if isinstance(e, PresenceItem) or stream_id_key(e.stream_id) > seam
-        ]
-        if batch:
-            self._seam = None  # past the replay: no more overlap
-        return batch
+        position = self._position
+        fresh: list[tuple[Queued, bytes]] = []
+        for event, frame in batch:
+            if isinstance(event, PresenceItem):
+                continue  # presence reaches board streams only
+            part = activity_part_of(event.board_id)
+            if position and stream_id_key(event.stream_id) <= stream_id_key(position[part]):
+                continue  # in the replay already
+            fresh.append((event, self._identified(event, frame) if position else frame))
+        return fresh
+
+    def frames(self, fresh: list[tuple[Queued, bytes]]) -> bytes:
+        return joined(fresh)
 
     def history_lost(self) -> bytes:
-        self._seam = None
+        # The lost parts' ids start again from Redis's clock, after the old ones: the
+        # position stays, and a resume from it reads the new history.
         return history_lost_frame(None)
 
 

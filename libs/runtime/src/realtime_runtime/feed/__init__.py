@@ -19,6 +19,7 @@ from realtime_runtime.feed.store import (
     RedisActivityStore,
 )
 from realtime_runtime.feed.subscription import (
+    FeedUnavailable,
     HistoryLost,
     Queued,
     SlowConsumer,
@@ -32,6 +33,7 @@ __all__ = [
     "READ_TIMEOUT_SECONDS",
     "ActivityHub",
     "ActivityStore",
+    "FeedUnavailable",
     "HistoryLost",
     "Queued",
     "RedisActivityStore",

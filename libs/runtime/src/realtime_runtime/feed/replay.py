@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from envelope.codec import RelayedEvent
 from envelope.codes import ResetReason
-from envelope.cursors import stream_id_key
+from envelope.cursors import ActivityCursor, stream_id_key
+from envelope.topology import ACTIVITY_PARTS, activity_part_of
 
 from realtime_runtime.feed.store import PAGE, READ_TIMEOUT_SECONDS, ActivityStore
 
-C = TypeVar("C", int, str)
+C = TypeVar("C", int, ActivityCursor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +70,42 @@ async def board_pages(
 
 async def activity_pages(
     store: ActivityStore,
-    after: str,
-    until: str,
+    after: ActivityCursor,
+    until: ActivityCursor,
     boards: frozenset[str] | None,
     page_size: int = PAGE,
 ) -> AsyncGenerator[list[RelayedEvent], None]:
-    """As `board_pages` for the activity stream, each page filtered to `boards`."""
-    end = stream_id_key(until)
-    while (boards is None or boards) and stream_id_key(after) < end:
-        async with asyncio.timeout(READ_TIMEOUT_SECONDS):
-            page = await store.activity_after(after, page_size)
-        if not page:
-            return
-        after = page[-1].stream_id
-        if boards is not None or stream_id_key(after) > end:
-            page = [
-                event
-                for event in page
-                if (boards is None or event.board_id in boards)
-                and stream_id_key(event.stream_id) <= end
-            ]
-        if page:
-            yield page
-        del page
+    """As `board_pages` across the parts of the activity stream: each part after its entry of
+    `after` up to its entry of `until`, merged in stream id order (ties by part), each page
+    filtered to `boards` (and only the parts holding them read)."""
+    if boards is None:
+        parts: list[int] = list(range(ACTIVITY_PARTS))
+    else:
+        parts = sorted({activity_part_of(board) for board in boards})
+    position = {p: after[p] for p in parts if stream_id_key(after[p]) < stream_id_key(until[p])}
+    ends = {p: stream_id_key(until[p]) for p in position}
+    buffered: dict[int, deque[RelayedEvent]] = {p: deque() for p in position}
+    while position or any(buffered.values()):
+        empty = {p: position[p] for p in position if not buffered[p]}
+        if empty:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                read = await store.parts_after(empty, page_size)
+            for part, events in read.items():
+                if len(events) < page_size or stream_id_key(events[-1].stream_id) >= ends[part]:
+                    del position[part]  # this part is read up to the replay's end
+                else:
+                    position[part] = events[-1].stream_id
+                end = ends[part]
+                buffered[part].extend(e for e in events if stream_id_key(e.stream_id) <= end)
+        merged: list[RelayedEvent] = []
+        while len(merged) < page_size:
+            heads = [p for p in buffered if buffered[p] or p in position]
+            if not heads or any(not buffered[p] for p in heads):
+                break  # a part must be read before the next event is known
+            first = min(heads, key=lambda p: (stream_id_key(buffered[p][0].stream_id), p))
+            merged.append(buffered[first].popleft())
+        if boards is not None:
+            merged = [event for event in merged if event.board_id in boards]
+        if merged:
+            yield merged
+        del merged

@@ -4,14 +4,15 @@ Redis Streams (`ActivityStore`, the port; `RedisActivityStore`, its adapter)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Protocol, cast
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeAlias, cast
 
 import redis.asyncio as redis
 from envelope.codec import RelayedEvent
-from envelope.topology import RedisKeys
+from envelope.topology import ACTIVITY_PARTS, RedisKeys
+from redis.asyncio.cluster import RedisCluster
 
-from realtime_runtime.pubsub import channel_frames
+from realtime_runtime.pubsub import LiveFeed, live_feed
 
 # Events read from Redis per round trip, for a replay and for the hub's own catch-up: a replay
 # holds one page at a time, so a stream's memory is bounded by it, not by the history.
@@ -21,15 +22,27 @@ StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 # TimeoutError is an OSError): the hub resubscribes and catches up again.
 READ_TIMEOUT_SECONDS = 30.0
 
+RedisClient: TypeAlias = redis.Redis | RedisCluster
+"""A standalone client or a cluster one (`ADVANCED_REDIS_MODE`): both run the commands, scripts
+and non-transactional pipelines the suite sends; pub/sub and transactions differ and are
+chosen where they are used (the live feed picks SUBSCRIBE or SSUBSCRIBE by the kind).
+`realtime_runtime.service` re-exports it with `redis_client`."""
+
 
 class ActivityStore(Protocol):
-    """What an edge needs from Redis: the live frames and the retained history."""
+    """What an edge needs from Redis: the live frames and the retained history.
 
-    def feed(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Subscribe; once entered, every frame published from then on is yielded in order.
+    A board's events are in its own stream (by sequence) and in its part of the activity
+    stream (`topology.activity_part_of`, `ACTIVITY_PARTS` parts, by stream id).
+    """
 
-        The iterator raises `RedisError` or `OSError` when the connection is lost.
-        """
+    @property
+    def keys(self) -> RedisKeys:
+        """The names of the channels the live feed subscribes to."""
+        ...
+
+    def live(self) -> contextlib.AbstractAsyncContextManager[LiveFeed]:
+        """A pub/sub session subscribed to nothing yet (see `LiveFeed`)."""
         ...
 
     async def board_after(
@@ -38,8 +51,22 @@ class ActivityStore(Protocol):
         """At most `count` of the board's retained events after `sequence`, in order."""
         ...
 
-    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
-        """At most `count` retained activity entries after `stream_id`, in order."""
+    async def boards_after(
+        self, after: Mapping[str, int], count: int = PAGE
+    ) -> dict[str, list[RelayedEvent]]:
+        """`board_after` for many boards in one round trip (per Redis node)."""
+        ...
+
+    async def activity_after(
+        self, part: int, stream_id: str, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        """At most `count` entries of one part of the activity stream after `stream_id`."""
+        ...
+
+    async def parts_after(
+        self, after: Mapping[int, str], count: int = PAGE
+    ) -> dict[int, list[RelayedEvent]]:
+        """`activity_after` for many parts in one round trip (per Redis node)."""
         ...
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
@@ -50,64 +77,125 @@ class ActivityStore(Protocol):
         """The board's current epoch; None once its state expired (or before it had one)."""
         ...
 
-    async def activity_head(self) -> tuple[str, str]:
-        """(oldest, newest) retained activity stream id; ("0-0", "0-0") when empty."""
+    async def activity_heads(self) -> list[tuple[str, str]]:
+        """(oldest, newest) retained stream id of each part, in part order; ("0-0", "0-0")
+        for an empty part."""
         ...
 
 
+def board_events(board_id: str, rows: StreamRows) -> list[RelayedEvent]:
+    return [
+        RelayedEvent(
+            fields[b"a"].decode(),
+            board_id,
+            int(entry_id.split(b"-")[0]),
+            fields[b"e"],
+            fields.get(b"p", b"").decode(),  # none from a relay older than epochs
+        )
+        for entry_id, fields in rows
+    ]
+
+
+def activity_events(rows: StreamRows) -> list[RelayedEvent]:
+    return [
+        RelayedEvent(
+            entry_id.decode(),
+            fields[b"b"].decode(),
+            int(fields[b"s"]),
+            fields[b"e"],
+            fields.get(b"p", b"").decode(),
+        )
+        for entry_id, fields in rows
+    ]
+
+
 class RedisActivityStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    """`ActivityStore` on `redis.Redis` or `RedisCluster`. Every read touches one key, and
+    the batched ones are non-transactional pipelines, which a cluster client splits by node."""
+
+    def __init__(self, client: RedisClient, keys: RedisKeys) -> None:
         self._client = client
         self._keys = keys
 
-    def feed(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return channel_frames(self._client, self._keys.activity_channel, "activity")
+    @property
+    def keys(self) -> RedisKeys:
+        return self._keys
 
-    async def _ends(self, key: str) -> tuple[str, str] | None:
-        first = cast(StreamRows, await self._client.xrange(key, count=1))
-        last = cast(StreamRows, await self._client.xrevrange(key, count=1))
-        if not first or not last:
-            return None
-        return first[0][0].decode(), last[0][0].decode()
+    def live(self) -> contextlib.AbstractAsyncContextManager[LiveFeed]:
+        return live_feed(self._client, "activity")
+
+    async def _pipelined(
+        self, queue: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+    ) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for command, args, kwargs in queue:
+                getattr(pipe, command)(*args, **kwargs)
+            return list(await pipe.execute())
 
     async def board_after(
         self, board_id: str, sequence: int, count: int = PAGE
     ) -> list[RelayedEvent]:
         key = self._keys.board_stream(board_id)
         rows = cast(StreamRows, await self._client.xrange(key, min=f"({sequence}-0", count=count))
-        return [
-            RelayedEvent(
-                fields[b"a"].decode(),
-                board_id,
-                int(entry_id.split(b"-")[0]),
-                fields[b"e"],
-                fields.get(b"p", b"").decode(),  # none from a relay older than epochs
-            )
-            for entry_id, fields in rows
-        ]
+        return board_events(board_id, rows)
 
-    async def activity_after(self, stream_id: str, count: int = PAGE) -> list[RelayedEvent]:
-        key = self._keys.activity_stream
+    async def boards_after(
+        self, after: Mapping[str, int], count: int = PAGE
+    ) -> dict[str, list[RelayedEvent]]:
+        boards = list(after)
+        replies = await self._pipelined(
+            [
+                ("xrange", (self._keys.board_stream(b),), {"min": f"({after[b]}-0", "count": count})
+                for b in boards
+            ]
+        )
+        return {b: board_events(b, rows) for b, rows in zip(boards, replies, strict=True)}
+
+    async def activity_after(
+        self, part: int, stream_id: str, count: int = PAGE
+    ) -> list[RelayedEvent]:
+        key = self._keys.activity_stream(part)
         rows = cast(StreamRows, await self._client.xrange(key, min=f"({stream_id}", count=count))
-        return [
-            RelayedEvent(
-                entry_id.decode(),
-                fields[b"b"].decode(),
-                int(fields[b"s"]),
-                fields[b"e"],
-                fields.get(b"p", b"").decode(),
-            )
-            for entry_id, fields in rows
-        ]
+        return activity_events(rows)
+
+    async def parts_after(
+        self, after: Mapping[int, str], count: int = PAGE
+    ) -> dict[int, list[RelayedEvent]]:
+        parts = list(after)
+        replies = await self._pipelined(
+            [
+                (
+                    "xrange",
+                    (self._keys.activity_stream(p),),
+                    {"min": f"({after[p]}", "count": count},
+                )
+                for p in parts
+            ]
+        )
+        return {p: activity_events(rows) for p, rows in zip(parts, replies, strict=True)}
 
     async def board_head(self, board_id: str) -> tuple[int, int]:
-        ends = await self._ends(self._keys.board_stream(board_id))
-        if ends is None:
+        key = self._keys.board_stream(board_id)
+        first, last = await self._pipelined(
+            [("xrange", (key,), {"count": 1}), ("xrevrange", (key,), {"count": 1})]
+        )
+        if not first or not last:
             return 0, 0
-        return int(ends[0].split("-")[0]), int(ends[1].split("-")[0])
+        return int(first[0][0].split(b"-")[0]), int(last[0][0].split(b"-")[0])
 
-    async def activity_head(self) -> tuple[str, str]:
-        return await self._ends(self._keys.activity_stream) or ("0-0", "0-0")
+    async def activity_heads(self) -> list[tuple[str, str]]:
+        queue: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        for part in range(ACTIVITY_PARTS):
+            key = self._keys.activity_stream(part)
+            queue += [("xrange", (key,), {"count": 1}), ("xrevrange", (key,), {"count": 1})]
+        replies = await self._pipelined(queue)
+        heads: list[tuple[str, str]] = []
+        for first, last in zip(replies[::2], replies[1::2], strict=True):
+            if not first or not last:
+                heads.append(("0-0", "0-0"))
+            else:
+                heads.append((first[0][0].decode(), last[0][0].decode()))
+        return heads
 
     async def board_epoch(self, board_id: str) -> str | None:
         epoch = cast(bytes | None, await self._client.get(self._keys.epoch(board_id)))

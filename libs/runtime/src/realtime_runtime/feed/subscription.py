@@ -29,6 +29,11 @@ class SlowConsumer(StreamInterrupted):
     """The client did not keep up: its bounded queue overflowed. It may resume."""
 
 
+class FeedUnavailable(StreamInterrupted):
+    """The subscription was not confirmed in time (Redis unreachable): no live event could be
+    promised, so the client is told to come back rather than left waiting."""
+
+
 class HistoryLost(StreamInterrupted):
     """Redis lost its data (restarted without persistence): sequences start again.
 
@@ -71,7 +76,7 @@ class Subscription(Generic[T]):
         self.boards = boards
         self.maxsize = maxsize
         self.overflowed = False
-        # `with hub.subscribe_board(...)` registers it with the hub while the block runs (no
+        # `async with hub.subscribe_board(...)` registers it with the hub while the block runs (no
         # generator-based context manager per subscription: it held a frame per stream).
         self._hub = hub
         self._board = board
@@ -84,12 +89,12 @@ class Subscription(Generic[T]):
         # the subscription, so `wake` alone would not reach it.
         self.on_overflow: Callable[[], object] | None = None
 
-    def __enter__(self) -> Subscription[T]:
+    async def __aenter__(self) -> Subscription[T]:
         if self._hub is not None:
-            self._hub._join(self, self._board)
+            await self._hub._join(self, self._board)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._hub is not None:
             self._hub._leave(self, self._board)
 
