@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -227,16 +227,16 @@ class PubSubFeed:
         client = self._client
         if isinstance(client, RedisCluster):
             for node in client.get_primaries():
-                await self._node(node.name, node.host, int(node.port))
+                await self._node(node.name, node)
         else:
-            await self._node("", "", 0)
+            await self._node("", None)
 
-    async def _node(self, address: str, host: str, port: int) -> _Connection:
+    async def _node(self, address: str, node: ClusterNode | None) -> _Connection:
         connection = self._connections.get(address)
         if connection is None:
             client = self._client
-            if isinstance(client, RedisCluster):
-                pubsub = _node_client(client, host, port).pubsub()
+            if node is not None:
+                pubsub = _node_client(node).pubsub()
             else:
                 pubsub = client.pubsub()
             connection = _Connection(
@@ -250,10 +250,10 @@ class PubSubFeed:
         client = self._client
         if isinstance(client, RedisCluster):
             node = client.nodes_manager.get_node_from_slot(key_slot(channel.encode()))
-            connection = await self._node(node.name, node.host, int(node.port))
+            connection = await self._node(node.name, node)
             self._owner[channel] = node.name
         else:
-            connection = await self._node("", "", 0)
+            connection = await self._node("", None)
             self._owner[channel] = ""
         return connection
 
@@ -299,22 +299,12 @@ class PubSubFeed:
         await asyncio.gather(*(c.aclose() for c in connections))
 
 
-def _node_client(cluster: RedisCluster, host: str, port: int) -> redis.Redis:
-    """A plain client of one cluster node, with the cluster client's credentials and
-    timeouts (sharded subscriptions are not redirected: they go to the slot's master)."""
-    kwargs = cluster.get_connection_kwargs()
-    options: dict[str, Any] = {
-        name: kwargs[name]
-        for name in (
-            "username",
-            "password",
-            "socket_timeout",
-            "socket_connect_timeout",
-            "health_check_interval",
-        )
-        if kwargs.get(name) is not None
-    }
-    return redis.Redis(host=host, port=port, **options)
+def _node_client(node: ClusterNode) -> redis.Redis:
+    """A plain client of one cluster node, with that node's own connection settings (TLS,
+    credentials, timeouts): sharded subscriptions are not redirected, they go to the slot's
+    master."""
+    pool = redis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+    return redis.Redis(connection_pool=pool)
 
 
 @contextlib.asynccontextmanager
