@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
@@ -51,6 +51,17 @@ async def channel_messages(pubsub: PubSub, what: str) -> AsyncIterator[bytes]:
     # redis-py reconnects a pub/sub connection by itself and subscribes again, silently:
     # frames published in between would be lost. A second subscribe confirmation is how
     # that shows, and it is raised as a lost connection so the hub catches up.
+    async for message in _messages(pubsub, what):
+        kind = message["type"]
+        if kind == "message":
+            yield message["data"]
+        elif kind == "subscribe":
+            raise RedisConnectionError(f"the {what} subscription was re-established")
+
+
+async def _messages(pubsub: PubSub, what: str) -> AsyncIterator[dict[str, Any]]:
+    """Every message of a pub/sub connection; after `LIVENESS_SECONDS` without one it pings,
+    and raises if the reply does not come within as long again."""
     loop = asyncio.get_running_loop()
     heard_at = loop.time()
     pinged_at: float | None = None
@@ -65,11 +76,7 @@ async def channel_messages(pubsub: PubSub, what: str) -> AsyncIterator[bytes]:
                 pinged_at = now
             continue
         heard_at, pinged_at = now, None
-        kind = message["type"]
-        if kind == "message":
-            yield message["data"]
-        elif kind == "subscribe":
-            raise RedisConnectionError(f"the {what} subscription was re-established")
+        yield message
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,21 +170,8 @@ class _Connection:
             self._out.put_nowait(_Lost(exc))
 
     async def _loop(self) -> None:
-        pubsub, what = self._pubsub, self._what
-        loop = asyncio.get_running_loop()
-        heard_at = loop.time()
-        pinged_at: float | None = None
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            now = loop.time()
-            if message is None:
-                if pinged_at is not None and now - pinged_at > LIVENESS_SECONDS:
-                    raise RedisTimeoutError(f"the {what} subscription stopped answering pings")
-                if pinged_at is None and now - heard_at > LIVENESS_SECONDS:
-                    await pubsub.ping(LIVENESS_PING)
-                    pinged_at = now
-                continue
-            heard_at, pinged_at = now, None
+        what = self._what
+        async for message in _messages(self._pubsub, what):
             kind = message["type"]
             if kind in ("message", "smessage"):
                 self._out.put_nowait(message["data"])
