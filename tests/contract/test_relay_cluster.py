@@ -36,7 +36,7 @@ from relay_worker.faults import ReplicationNotConfirmed, redis_fault
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WORKER_REDIS_TIMEOUT_SECONDS, WorkerSettings
 from support.brokers import Brokers, Names
-from support.envelopes import board_event, envelope_body
+from support.envelopes import RecordedDelivery, board_event, envelope_body
 from support.redis_cluster import LocalRedisCluster, redis_cluster
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -118,23 +118,6 @@ async def sequences(client: RedisCluster, keys: RedisKeys, board_id: str) -> lis
         (int(entry_id.split(b"-")[0]), orjson.loads(fields[b"e"])["correlation_id"])
         for entry_id, fields in rows
     ]
-
-
-class RecordedDelivery:
-    def __init__(self, board_id: str, correlation_id: str, settled: list[str]) -> None:
-        self.body = envelope_body(board_id, correlation_id)
-        self.attempts = 0
-        self.name = f"{board_id}/{correlation_id}"
-        self._settled = settled
-
-    async def ack(self) -> None:
-        self._settled.append(f"ack {self.name}")
-
-    async def retry(self, reason: str) -> None:
-        self._settled.append(f"retry {self.name}")
-
-    async def dead_letter(self, reason: str) -> None:
-        self._settled.append(f"dead_letter {self.name}")
 
 
 def relay_for(store: RedisRelayStore) -> Relay:

@@ -21,7 +21,7 @@ from relay_worker.adapters.redis import RedisRelayStore
 from relay_worker.faults import ReplicationNotConfirmed
 from relay_worker.relay import Relay, RelayMetrics
 from relay_worker.settings import WorkerSettings
-from support.envelopes import envelope_body
+from support.envelopes import RecordedDelivery, envelope_body
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -64,23 +64,6 @@ async def client(servers: tuple[PrivateRedis, PrivateRedis]) -> AsyncIterator[re
     await connection.aclose()
 
 
-class RecordedDelivery:
-    def __init__(self, correlation_id: str, settled: list[str]) -> None:
-        self.body = envelope_body("w", correlation_id)
-        self.attempts = 0
-        self.name = correlation_id
-        self._settled = settled
-
-    async def ack(self) -> None:
-        self._settled.append(f"ack {self.name}")
-
-    async def retry(self, reason: str) -> None:
-        self._settled.append(f"retry {self.name}")
-
-    async def dead_letter(self, reason: str) -> None:
-        self._settled.append(f"dead_letter {self.name}")
-
-
 async def test_a_batch_is_acked_after_wait_and_held_while_the_replica_is_down(
     servers: tuple[PrivateRedis, PrivateRedis], client: redis.Redis
 ) -> None:
@@ -91,24 +74,24 @@ async def test_a_batch_is_acked_after_wait_and_held_while_the_replica_is_down(
         store, WorkerSettings(environment="development"), RelayMetrics(CollectorRegistry())
     )
     settled: list[str] = []
-    first = [RecordedDelivery(f"a{n}", settled) for n in range(3)]
+    first = [RecordedDelivery("w", f"a{n}", settled) for n in range(3)]
     assert await relay.handle_batch(first) == ["delivered"] * 3
-    assert settled == ["ack a0", "ack a1", "ack a2"]
+    assert settled == ["ack w/a0", "ack w/a1", "ack w/a2"]
     async with redis.from_url(replica.url) as on_replica:
         assert await on_replica.get(keys.sequence("w")) == b"3"  # WAIT said so: it holds them
 
     replica.kill()
-    second = [RecordedDelivery(f"b{n}", settled) for n in range(2)]
+    second = [RecordedDelivery("w", f"b{n}", settled) for n in range(2)]
     assert await relay.handle_batch(second) == ["held", "held"]
     assert await relay.handle(second[0]) == "held"  # one by one: the same WAIT
     with pytest.raises(ReplicationNotConfirmed, match="0 replica"):
         await store.relay("w", "b0", envelope_body("w", "b0"), 60)
-    assert settled == ["ack a0", "ack a1", "ack a2"]  # nothing retried or dead-lettered
+    assert settled == ["ack w/a0", "ack w/a1", "ack w/a2"]  # nothing retried or dead-lettered
 
     replica.start()
     await follow(replica, primary)
     # The held steps ran on the primary: duplicates now, acked once their WAIT is answered.
     assert await relay.handle_batch(second) == ["duplicate", "duplicate"]
-    assert settled[3:] == ["ack b0", "ack b1"]
+    assert settled[3:] == ["ack w/b0", "ack w/b1"]
     sequence = [int(i.split(b"-")[0]) for i, _ in await client.xrange(keys.board_stream("w"))]
     assert sequence == [1, 2, 3, 4, 5]

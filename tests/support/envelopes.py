@@ -24,3 +24,23 @@ def board_event(board_id: str, correlation_id: str) -> BoardEventEnvelope:
 def envelope_body(board_id: str, correlation_id: str) -> bytes:
     """The AMQP body of one event."""
     return codec.dumps(board_event(board_id, correlation_id))
+
+
+class RecordedDelivery:
+    """A delivery for the relay that writes how it was settled (`ack <board>/<id>`, `retry
+    ...`, `dead_letter ...`) into `settled`, in the order the relay settled it."""
+
+    def __init__(self, board_id: str, correlation_id: str, settled: list[str]) -> None:
+        self.body = envelope_body(board_id, correlation_id)
+        self.attempts = 0
+        self.name = f"{board_id}/{correlation_id}"
+        self._settled = settled
+
+    async def ack(self) -> None:
+        self._settled.append(f"ack {self.name}")
+
+    async def retry(self, reason: str) -> None:
+        self._settled.append(f"retry {self.name}")
+
+    async def dead_letter(self, reason: str) -> None:
+        self._settled.append(f"dead_letter {self.name}")
