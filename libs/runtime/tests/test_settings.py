@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 from realtime_runtime.settings import (
@@ -155,6 +157,21 @@ def test_a_cluster_seed_naming_a_database_is_refused(url: str) -> None:
 )
 def test_a_cluster_seed_may_name_database_0(url: str) -> None:
     assert RedisSettings(_env_file=None, redis_mode="cluster", redis_url=url).redis_nodes == [url]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redis_key_prefix", "tenant-{a}:"),
+        ("redis_key_prefix", "x}"),
+        ("activity_channel", "advanced:{activity}"),
+    ],
+)
+def test_names_with_a_hash_tag_of_their_own_are_refused(field: str, value: str) -> None:
+    """A brace in the prefix or the channel would be the hash tag of every key or channel:
+    the relay step's channels would leave its keys' slot, and every step fail on a cluster."""
+    with pytest.raises(ValidationError, match=re.escape("no { or }")):
+        RedisSettings(_env_file=None, **{field: value})
 
 
 def test_a_redis_url_that_is_no_redis_url_is_refused_without_its_credentials(

@@ -175,6 +175,14 @@ class RedisSettings(SettingsPart):
                 "ADVANCED_REDIS_URL must be redis:// or rediss:// URLs (comma-separated seed "
                 "nodes in cluster mode)"
             )
+        for name, value in (
+            ("ADVANCED_REDIS_KEY_PREFIX", self.redis_key_prefix),
+            ("ADVANCED_ACTIVITY_CHANNEL", self.activity_channel),
+        ):
+            if "{" in value or "}" in value:
+                # Redis Cluster hashes a name by its first {...}: the suite's own hash tags
+                # (`{part-N}`) must be that first pair, or a relay step leaves its slot.
+                raise ValueError(f"{name} must have no {{ or }} (Redis Cluster hash tags)")
         if self.redis_mode == "standalone" and len(nodes) > 1:
             raise ValueError(
                 "ADVANCED_REDIS_URL names several nodes: set ADVANCED_REDIS_MODE=cluster for a "
