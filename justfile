@@ -133,7 +133,7 @@ up-redis-cluster: compose-env
 down-redis-cluster:
     docker compose {{compose_redis_cluster}} down
 
-# The images built and the whole suite under compose, single-node, then on three RabbitMQ nodes, then on a six-node Redis Cluster, on a private engine (CI; about 12-14 min, root): scripts/containers/ci.sh.
+# The images built and the whole suite under compose, single-node, then on three RabbitMQ nodes, then on a six-node Redis Cluster, on a private engine (CI; about 14-17 min, root): scripts/containers/ci.sh.
 [group('deploy')]
 containers: setup
     bash scripts/containers/ci.sh
