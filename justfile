@@ -90,6 +90,7 @@ probe *args: setup-runtime
     {{uv}} run --no-sync realtime-probe {{args}}
 
 compose_cluster := "-f deploy/compose/compose.yaml -f deploy/compose/compose.rabbitmq-cluster.yaml"
+compose_redis_cluster := "-f deploy/compose/compose.yaml -f deploy/compose/compose.redis-cluster.yaml"
 
 # deploy/compose/.env with a fresh token, unless there is one.
 [private]
@@ -122,7 +123,17 @@ up-cluster: compose-env
 down-cluster:
     docker compose {{compose_cluster}} down
 
-# The images built and the whole suite under compose, single-node then on three RabbitMQ nodes, on a private engine (CI; about 12-14 min, root): scripts/containers/ci.sh.
+# The same on a six-node Redis Cluster, three masters with a replica each (deploy/compose/compose.redis-cluster.yaml).
+[group('deploy')]
+up-redis-cluster: compose-env
+    docker compose {{compose_redis_cluster}} up --build --detach --wait
+
+# Stop the Redis Cluster variant's containers (volumes kept).
+[group('deploy')]
+down-redis-cluster:
+    docker compose {{compose_redis_cluster}} down
+
+# The images built and the whole suite under compose, single-node, then on three RabbitMQ nodes, then on a six-node Redis Cluster, on a private engine (CI; about 14-17 min, root): scripts/containers/ci.sh.
 [group('deploy')]
 containers: setup
     bash scripts/containers/ci.sh

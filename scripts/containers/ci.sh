@@ -14,8 +14,12 @@
 #      image names): `down -v`, `up --wait` on three RabbitMQ nodes with quorum queues, then
 #      tests/containers/test_rabbitmq_cluster.py (cluster_status, WS -> SSE, queue types,
 #      /readyz naming the node);
-#   7. `down -v`, a check that nothing of the project is left, and the engine stopped if this
-#      script started it. 7 (with the logs of a failed step) also runs when a step fails (trap).
+#   7. the same project again with deploy/compose/compose.redis-cluster.yaml (and its CI image
+#      names): `down -v`, `up --wait` on six Redis nodes (three masters, a replica each), then
+#      tests/containers/test_redis_cluster.py (cluster info, /readyz, WS -> SSE for boards on
+#      every master, on their board streams and /sse/activity);
+#   8. `down -v`, a check that nothing of the project is left, and the engine stopped if this
+#      script started it. 8 (with the logs of a failed step) also runs when a step fails (trap).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -107,3 +111,14 @@ timed "compose up --detach --wait (RabbitMQ cluster)" \
   "${cluster[@]}" up --detach --wait --no-build --wait-timeout 180
 timed "pytest -m containers (RabbitMQ cluster)" containers_tests "${cluster[*]}" \
   tests/containers/test_rabbitmq_cluster.py
+
+# The six-node Redis Cluster: the same project and images (RabbitMQ single-node again), from
+# empty volumes.
+redis_cluster=("${compose[@]}" -f deploy/compose/compose.redis-cluster.yaml
+  -f deploy/compose/compose.redis-cluster.ci.yaml)
+timed "compose down -v (RabbitMQ cluster)" "${cluster[@]}" down --volumes --remove-orphans --timeout 20
+active=("${redis_cluster[@]}")
+timed "compose up --detach --wait (Redis Cluster)" \
+  "${redis_cluster[@]}" up --detach --wait --no-build --wait-timeout 180
+timed "pytest -m containers (Redis Cluster)" containers_tests "${redis_cluster[*]}" \
+  tests/containers/test_redis_cluster.py
