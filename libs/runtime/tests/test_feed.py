@@ -17,6 +17,7 @@ from envelope.cursors import (
     activity_cursor,
     parse_activity_cursor,
     parse_board_cursor,
+    stream_id_key,
 )
 from envelope.topology import ACTIVITY_PARTS, activity_part_of
 from realtime_runtime.feed import ActivityHub, HistoryLost, Replay, SlowConsumer, Subscription
@@ -502,4 +503,46 @@ async def test_activity_subscribers_are_caught_up_on_every_part_after_a_reconnec
                 event, _ = await on_all.next()
                 got.append((event.board_id, event.sequence))
         assert sorted(got) == sorted((b, s) for b in boards for s in (2, 3))
+        await nothing_more(on_all)
+
+
+def boards_in_one_part(count: int) -> list[str]:
+    found: dict[int, list[str]] = {}
+    for n in range(10_000):
+        board = f"same-{n}"
+        found.setdefault(activity_part_of(board), []).append(board)
+        if len(found[activity_part_of(board)]) == count:
+            return found[activity_part_of(board)]
+    raise AssertionError("no part holds that many boards")
+
+
+async def test_the_catch_up_gives_activity_subscribers_each_part_in_stream_order(
+    hub: ActivityHub[int], store: FaultyStore
+) -> None:
+    """Two boards of one part, each with a subscriber here, written in turn during an outage:
+    caught up board by board, the activity stream would get one board's events, then the
+    other's older ones, out of its part's order, and an `/sse/activity` stream (which drops
+    what is not after its position in the part) would lose them."""
+    a, b = boards_in_one_part(2)
+    async with (
+        hub.subscribe_board(a, 100) as on_a,
+        hub.subscribe_board(b, 100) as on_b,
+        hub.subscribe_activity(None, 1000) as on_all,
+    ):
+        await send(store, a, 1)
+        await send(store, b, 1)
+        assert len(await take(on_all, 2)) == 2
+        store.muted = True
+        store.break_feed()
+        for _ in range(3):
+            await send(store, a, 1)
+            await send(store, b, 1)
+        store.muted = False
+        ids = []
+        async with asyncio.timeout(5):
+            while len(ids) < 6:
+                event, _ = await on_all.next()
+                ids.append(stream_id_key(event.stream_id))
+        assert ids == sorted(ids)
+        assert await take(on_a, 4) == [1, 2, 3, 4] and await take(on_b, 4) == [1, 2, 3, 4]
         await nothing_more(on_all)

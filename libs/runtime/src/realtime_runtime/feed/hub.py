@@ -401,8 +401,16 @@ class ActivityHub(Generic[T]):
         await self._accept(event)
 
     async def _catch_up(self) -> None:
-        """Every subscribed board from its stream after its last sequence, and (for activity
-        subscribers) every part after its last id: a few pipelined reads, not one per board."""
+        """Every part after its last id (for activity subscribers), then every subscribed board
+        from its stream after its last sequence: a few pipelined reads, not one per board.
+
+        The parts first: read part by part, events reach the activity subscribers in their
+        part's order (a board-by-board catch-up would hand them one board's events, then
+        another's older ones, which an `/sse/activity` stream drops as already past). The
+        boards' catch-up then finds only what a part no longer retains.
+        """
+        if self._activity:
+            await self._catch_up_parts()
         points = {b: self._resume_point(b) for b in self._boards}
         after = {b: s for b, s in points.items() if s is not None}
         while after:
@@ -413,8 +421,8 @@ class ActivityHub(Generic[T]):
                     await self._accept(event)
                 if len(events) >= self._page:
                     after[board_id] = events[-1].sequence
-        if not self._activity:
-            return
+
+    async def _catch_up_parts(self) -> None:
         heads = await self._store.activity_heads()
         parts: dict[int, str] = {}
         for part, (_oldest, newest) in enumerate(heads):
