@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib
 import os
 import signal
 import socket
@@ -315,14 +316,7 @@ class QuorumSuiteDeployment(SuiteDeployment):
     @classmethod
     def cluster(cls) -> Any:
         if cls._cluster is None:
-            tests = str(Path(__file__).resolve().parents[1] / "tests")
-            if tests not in sys.path:
-                sys.path.append(tests)
-            from support.rabbitmq_cluster import RabbitCluster
-
-            directory = Path(tempfile.mkdtemp(prefix="bench-rabbitmq-"))
-            cls._cluster = RabbitCluster(directory).start()
-            atexit.register(cls._cluster.close)
+            cls._cluster = _private_cluster("rabbitmq_cluster", "RabbitCluster", "bench-rabbitmq-")
         return cls._cluster
 
     def broker_processes(self) -> dict[str, psutil.Process] | None:
@@ -360,14 +354,9 @@ class RedisClusterSuiteDeployment(SuiteDeployment):
     @classmethod
     def cluster(cls) -> Any:
         if cls._cluster is None:
-            tests = str(Path(__file__).resolve().parents[1] / "tests")
-            if tests not in sys.path:
-                sys.path.append(tests)
-            from support.redis_cluster import LocalRedisCluster
-
-            directory = Path(tempfile.mkdtemp(prefix="bench-redis-cluster-"))
-            cls._cluster = LocalRedisCluster(directory).start()
-            atexit.register(cls._cluster.close)
+            cls._cluster = _private_cluster(
+                "redis_cluster", "LocalRedisCluster", "bench-redis-cluster-"
+            )
         return cls._cluster
 
     async def _cleanup_redis(self) -> None:
@@ -397,3 +386,15 @@ def deployment(kind: str) -> Deployment:
     if kind in TARGETS:
         return TARGETS[kind]()
     raise ValueError(f"unknown target {kind!r}: use 'baseline' or one of {sorted(TARGETS)}")
+
+
+def _private_cluster(module: str, name: str, prefix: str) -> Any:
+    """A private cluster of the test harness (`tests/support/<module>.py`), started once per
+    benchmark process in a directory of its own and stopped at exit."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    cluster_class = getattr(importlib.import_module(f"support.{module}"), name)
+    cluster = cluster_class(Path(tempfile.mkdtemp(prefix=prefix))).start()
+    atexit.register(cluster.close)
+    return cluster
